@@ -1,0 +1,415 @@
+"""MemoryLease wire protocol: message types, encoders and an incremental decoder.
+
+Sans-IO in the manner of h11: nothing here touches a socket.  Bytes go in through
+:meth:`Decoder.feed`, whole messages come out of :meth:`Decoder.next_message`, and
+every message encodes itself with ``encode()``.  The framing is the C++ original's,
+byte for byte, with the byte order fixed to little-endian whatever the host's.
+
+Frame: ``<iq`` message type, payload length N; then N payload bytes.
+See docs/protocol.md for every message and status code.
+"""
+
+import struct
+from typing import Callable, Dict, NamedTuple, Optional, Union
+
+HEADER = struct.Struct("<iq")
+HEADER_SIZE = HEADER.size
+INT32_MAX = 2**31 - 1
+
+# Message types.  1-5 are the original's; 6-13 are this implementation's extensions.
+LEASE = 1
+LEASED = 2
+SET_DATA = 3
+ACCESS_DATA = 4  # the request, and (same number) the reply carrying the data
+DATA_SET = 5  # a status reply
+RELEASE = 6
+RENEW = 7
+WRITE = 8
+READ = 9
+STATS = 10
+STATS_REPLY = 11
+AUTH = 12
+ERROR = 13
+
+TYPE_NAMES = {
+    LEASE: "lease",
+    LEASED: "leased",
+    SET_DATA: "set",
+    ACCESS_DATA: "get",
+    DATA_SET: "status",
+    RELEASE: "release",
+    RENEW: "renew",
+    WRITE: "write",
+    READ: "read",
+    STATS: "stats",
+    STATS_REPLY: "stats-reply",
+    AUTH: "auth",
+    ERROR: "error",
+}
+
+# Status codes, carried by DataSet and Error replies, and as a negative id in Leased.
+OK = 0
+NOT_FOUND = -1  # no such lease, or it expired.  In Leased: no free block (the original's -1).
+TOO_LARGE = -2  # data longer than the lease, or a lease larger than the pool
+OUT_OF_RANGE = -3  # offset or length outside the lease
+INVALID = -4  # size or duration <= 0
+UNAUTHORIZED = -5  # the server wants a token first, or the token was wrong
+UNKNOWN_TYPE = -6  # the server does not know this message type
+MALFORMED = -7  # the payload does not match its message's layout
+FRAME_TOO_LARGE = -8  # the length field is negative or above the server's limit
+BUSY = -9  # the server is at its connection limit
+NO_MEMORY = NOT_FOUND  # Leased only: the original's refusal, kept for its client
+
+STATUS_TEXT = {
+    OK: "ok",
+    NOT_FOUND: "no such lease, or it has expired",
+    TOO_LARGE: "too large for the lease or the pool",
+    OUT_OF_RANGE: "offset or length outside the lease",
+    INVALID: "size and duration must be positive",
+    UNAUTHORIZED: "unauthorized: a valid token is required",
+    UNKNOWN_TYPE: "unknown message type",
+    MALFORMED: "malformed message",
+    FRAME_TOO_LARGE: "frame length negative or over the server's limit",
+    BUSY: "server busy: too many connections",
+}
+
+_I = struct.Struct("<i")
+_II = struct.Struct("<ii")
+_IQ = struct.Struct("<iq")
+_IQQ = struct.Struct("<iqq")
+# Whole frames with a fixed layout, packed in one call on the hot path.
+_FRAME_I = struct.Struct("<iqi")
+_FRAME_II = struct.Struct("<iqii")
+_FRAME_IQ = struct.Struct("<iqiq")
+_FRAME_IQQ = struct.Struct("<iqiqq")
+
+
+class Lease(NamedTuple):
+    """Ask for ``size`` bytes for ``duration_ms`` milliseconds."""
+
+    size: int
+    duration_ms: int
+
+    def encode(self) -> bytes:
+        return _FRAME_II.pack(LEASE, _II.size, self.size, self.duration_ms)
+
+
+class Leased(NamedTuple):
+    """The answer to Lease: the new id, or a negative status when refused."""
+
+    lease_id: int
+
+    def encode(self) -> bytes:
+        return _FRAME_I.pack(LEASED, _I.size, self.lease_id)
+
+
+class SetData(NamedTuple):
+    """Write ``data`` at the start of the lease (the original's set)."""
+
+    lease_id: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        n = len(self.data)
+        return _FRAME_IQ.pack(SET_DATA, _IQ.size + n, self.lease_id, n) + self.data
+
+
+class AccessData(NamedTuple):
+    """Read the whole lease (the original's get)."""
+
+    lease_id: int
+
+    def encode(self) -> bytes:
+        return _FRAME_I.pack(ACCESS_DATA, _I.size, self.lease_id)
+
+
+class Data(NamedTuple):
+    """The answer to AccessData and Read; empty data means no such lease."""
+
+    lease_id: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        n = len(self.data)
+        return _FRAME_IQ.pack(ACCESS_DATA, _IQ.size + n, self.lease_id, n) + self.data
+
+
+class DataSet(NamedTuple):
+    """A status reply: OK or a negative status code."""
+
+    status: int
+
+    def encode(self) -> bytes:
+        return _FRAME_I.pack(DATA_SET, _I.size, self.status)
+
+
+class Release(NamedTuple):
+    """End a lease now; its memory returns to the pool, zeroed."""
+
+    lease_id: int
+
+    def encode(self) -> bytes:
+        return _FRAME_I.pack(RELEASE, _I.size, self.lease_id)
+
+
+class Renew(NamedTuple):
+    """Give a live lease a new duration counted from now."""
+
+    lease_id: int
+    duration_ms: int
+
+    def encode(self) -> bytes:
+        return _FRAME_II.pack(RENEW, _II.size, self.lease_id, self.duration_ms)
+
+
+class Write(NamedTuple):
+    """Write ``data`` at ``offset`` inside the lease, all or nothing."""
+
+    lease_id: int
+    offset: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        n = len(self.data)
+        return _FRAME_IQQ.pack(WRITE, _IQQ.size + n, self.lease_id, self.offset, n) + self.data
+
+
+class Read(NamedTuple):
+    """Read ``length`` bytes at ``offset``; a length of -1 reads to the end."""
+
+    lease_id: int
+    offset: int
+    length: int
+
+    def encode(self) -> bytes:
+        return _FRAME_IQQ.pack(READ, _IQQ.size, self.lease_id, self.offset, self.length)
+
+
+class Stats(NamedTuple):
+    """Ask for the server's counters."""
+
+    def encode(self) -> bytes:
+        return HEADER.pack(STATS, 0)
+
+
+class StatsReply(NamedTuple):
+    """The server's counters, sent as ``name value`` lines of ASCII text."""
+
+    stats: Dict[str, int]
+
+    def encode(self) -> bytes:
+        text = "".join("%s %d\n" % item for item in self.stats.items()).encode("ascii")
+        return HEADER.pack(STATS_REPLY, len(text)) + text
+
+
+class Auth(NamedTuple):
+    """Present the shared token; the whole payload is the token."""
+
+    token: bytes
+
+    def encode(self) -> bytes:
+        return HEADER.pack(AUTH, len(self.token)) + self.token
+
+
+class Error(NamedTuple):
+    """The answer to a frame the server could not serve at all."""
+
+    status: int
+    request_type: int
+
+    def encode(self) -> bytes:
+        return _FRAME_II.pack(ERROR, _II.size, self.status, self.request_type)
+
+
+REQUEST_TYPES = {
+    Lease: LEASE,
+    SetData: SET_DATA,
+    AccessData: ACCESS_DATA,
+    Release: RELEASE,
+    Renew: RENEW,
+    Write: WRITE,
+    Read: READ,
+    Stats: STATS,
+    Auth: AUTH,
+}
+
+Request = Union[Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth]
+Reply = Union[Leased, Data, DataSet, StatsReply, Error]
+Message = Union[Request, Reply]
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a valid message; ``status`` is the code to answer with."""
+
+    def __init__(self, status: int, msg_type: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.msg_type = msg_type
+
+
+class BadMessage(ProtocolError):
+    """A whole frame whose content is wrong; the stream is still in step."""
+
+
+class BadFrame(ProtocolError):
+    """A frame header that cannot be honoured; nothing after it can be trusted."""
+
+
+Parser = Callable[[bytearray, int, int], Message]
+
+
+def _fixed(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
+    """A parser for a payload of exactly ``layout.size`` bytes."""
+
+    def parse(buf: bytearray, start: int, length: int) -> Message:
+        if length != layout.size:
+            raise BadMessage(
+                MALFORMED,
+                HEADER.unpack_from(buf, start - HEADER_SIZE)[0],
+                "payload is %d bytes, expected %d" % (length, layout.size),
+            )
+        return make(*layout.unpack_from(buf, start))
+
+    return parse
+
+
+def _with_data(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
+    """A parser for fixed fields whose last one counts the data bytes that follow."""
+
+    def parse(buf: bytearray, start: int, length: int) -> Message:
+        msg_type = HEADER.unpack_from(buf, start - HEADER_SIZE)[0]
+        if length < layout.size:
+            raise BadMessage(MALFORMED, msg_type, "payload too short: %d bytes" % length)
+        *fields, count = layout.unpack_from(buf, start)
+        if count != length - layout.size:
+            raise BadMessage(
+                MALFORMED,
+                msg_type,
+                "data length %d disagrees with the frame's %d" % (count, length - layout.size),
+            )
+        data_start = start + layout.size
+        return make(*fields, bytes(buf[data_start : start + length]))
+
+    return parse
+
+
+def _whole(make: Callable[[bytes], Message]) -> Parser:
+    """A parser whose message is the whole payload."""
+
+    def parse(buf: bytearray, start: int, length: int) -> Message:
+        return make(bytes(buf[start : start + length]))
+
+    return parse
+
+
+def _empty(make: Callable[[], Message]) -> Parser:
+    return _fixed(struct.Struct(""), make)
+
+
+def _parse_stats(text: bytes) -> StatsReply:
+    try:
+        pairs = (line.split(" ") for line in text.decode("ascii").splitlines())
+        return StatsReply({name: int(value) for name, value in pairs})
+    except ValueError as exc:
+        raise BadMessage(MALFORMED, STATS_REPLY, "bad stats text: %s" % exc) from None
+
+
+REQUEST_PARSERS: Dict[int, Parser] = {
+    LEASE: _fixed(_II, Lease),
+    SET_DATA: _with_data(_IQ, SetData),
+    ACCESS_DATA: _fixed(_I, AccessData),
+    RELEASE: _fixed(_I, Release),
+    RENEW: _fixed(_II, Renew),
+    WRITE: _with_data(_IQQ, Write),
+    READ: _fixed(_IQQ, Read),
+    STATS: _empty(Stats),
+    AUTH: _whole(Auth),
+}
+
+REPLY_PARSERS: Dict[int, Parser] = {
+    LEASED: _fixed(_I, Leased),
+    ACCESS_DATA: _with_data(_IQ, Data),
+    DATA_SET: _fixed(_I, DataSet),
+    STATS_REPLY: _whole(_parse_stats),
+    ERROR: _fixed(_II, Error),
+}
+
+# The largest reply a client may meet: a whole lease of the largest size.
+MAX_REPLY_PAYLOAD = _IQ.size + INT32_MAX
+# Bytes a data-carrying request adds to its data.
+WRITE_OVERHEAD = _IQQ.size
+
+
+class Decoder:
+    """Turns a byte stream, split anywhere, into whole messages.
+
+    A frame's length is checked against ``max_payload`` as soon as its header is
+    complete, before the payload is waited for, so a hostile length costs nothing.
+    """
+
+    def __init__(self, parsers: Dict[int, Parser], max_payload: int) -> None:
+        self._parsers = parsers
+        self._max_payload = max_payload
+        self._buf = bytearray()
+        self._start = 0
+        self._broken: Optional[BadFrame] = None
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buf += data
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame is waiting for the rest."""
+        return len(self._buf) > self._start
+
+    def next_message(self) -> Optional[Message]:
+        """The next whole message, or None until more bytes are fed.
+
+        Raises BadMessage for a frame that was consumed but is not valid (decoding
+        may go on), and BadFrame when the stream is beyond repair.
+        """
+        if self._broken is not None:
+            raise self._broken
+        buf = self._buf
+        start = self._start
+        available = len(buf) - start
+        if available < HEADER_SIZE:
+            self._compact()
+            return None
+        msg_type, length = HEADER.unpack_from(buf, start)
+        if length < 0 or length > self._max_payload:
+            self._broken = BadFrame(
+                FRAME_TOO_LARGE,
+                msg_type,
+                "frame length %d outside 0..%d" % (length, self._max_payload),
+            )
+            raise self._broken
+        if available < HEADER_SIZE + length:
+            self._compact()
+            return None
+        self._start = start + HEADER_SIZE + length
+        parser = self._parsers.get(msg_type)
+        if parser is None:
+            raise BadMessage(UNKNOWN_TYPE, msg_type, "unknown message type %d" % msg_type)
+        return parser(buf, start + HEADER_SIZE, length)
+
+    def _compact(self) -> None:
+        if self._start:
+            del self._buf[: self._start]
+            self._start = 0
+
+
+def request_decoder(max_payload: int) -> Decoder:
+    """A decoder for the server's side of a connection."""
+    return Decoder(REQUEST_PARSERS, max_payload)
+
+
+def reply_decoder(max_payload: int = MAX_REPLY_PAYLOAD) -> Decoder:
+    """A decoder for the client's side of a connection."""
+    return Decoder(REPLY_PARSERS, max_payload)
+
+
+def frame_limit(pool_bytes: int) -> int:
+    """The default largest payload: a write that fills the largest possible lease."""
+    return min(pool_bytes, INT32_MAX) + WRITE_OVERHEAD
