@@ -16,15 +16,17 @@ import ipaddress
 import logging
 import mmap
 import os
+import queue
 import re
 import secrets
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import protocol
 from buddy import Block, BuddyAllocator
@@ -33,6 +35,7 @@ log = logging.getLogger("memlease")
 
 RECV_SIZE = 256 * 1024
 MIN_BLOCK = 32
+WORKER_IDLE_SECONDS = 60.0  # how long a thread waits for another connection before ending
 
 
 class PoolMemory:
@@ -254,6 +257,25 @@ class LeaseStore:
                 self._wakeup.wait(timeout)
 
 
+# A blocking socket whose timeouts the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO) costs one
+# system call a recv or send; Python's own timeouts poll() first and so cost two, each
+# a release and re-take of the GIL.  Where the option is missing, Python's are used.
+TIMED_OUT = (socket.timeout, BlockingIOError)
+_TIMEVAL = struct.Struct("@ll")
+
+
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make recv and send on ``sock`` give up after ``seconds``, raising TIMED_OUT."""
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    timeval = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except (OSError, AttributeError):
+        sock.settimeout(seconds)
+
+
 def _describe(reply: protocol.Reply) -> str:
     """The result of a request, in words for the log."""
     if isinstance(reply, protocol.Leased):
@@ -278,20 +300,9 @@ class ConnectionHandler:
         self.server = server
         self.sock = sock
         self.peer = peer
+        self.store = server.store
         self.authenticated = server.token is None
         self._log_requests = log.isEnabledFor(logging.INFO)
-        store = server.store
-        self._answers: Dict[type, Callable[..., protocol.Reply]] = {
-            protocol.Lease: lambda m: protocol.Leased(store.lease(m.size, m.duration_ms)),
-            protocol.SetData: lambda m: protocol.DataSet(store.write(m.lease_id, 0, m.data)),
-            protocol.AccessData: self._access,
-            protocol.Release: lambda m: protocol.DataSet(store.release(m.lease_id)),
-            protocol.Renew: lambda m: protocol.DataSet(store.renew(m.lease_id, m.duration_ms)),
-            protocol.Write: lambda m: protocol.DataSet(store.write(m.lease_id, m.offset, m.data)),
-            protocol.Read: self._read,
-            protocol.Stats: lambda m: protocol.StatsReply(server.stats()),
-            protocol.Auth: self._auth,
-        }
 
     def serve(self) -> None:
         """Run until the peer leaves, misbehaves, idles out, or the server stops."""
@@ -305,18 +316,17 @@ class ConnectionHandler:
             )
         finally:
             self.sock.close()
-            self.server.forget(self)
 
     def _serve(self) -> None:
         sock = self.sock
         server = self.server
         decoder = protocol.request_decoder(server.max_frame)
-        sock.settimeout(server.idle_timeout)
+        set_timeout(sock, server.idle_timeout)
         frame_deadline: Optional[float] = None
         while True:
             try:
                 data = sock.recv(RECV_SIZE)
-            except socket.timeout:
+            except TIMED_OUT:
                 if frame_deadline is None:
                     log.info("%s closed: idle for %gs", self.peer, server.idle_timeout)
                 else:
@@ -339,10 +349,10 @@ class ConnectionHandler:
                 now = time.monotonic()
                 if frame_deadline is None or replies:
                     frame_deadline = now + server.frame_timeout
-                sock.settimeout(max(min(frame_deadline - now, server.idle_timeout), 0.001))
+                set_timeout(sock, min(frame_deadline - now, server.idle_timeout))
             elif frame_deadline is not None:
                 frame_deadline = None
-                sock.settimeout(server.idle_timeout)
+                set_timeout(sock, server.idle_timeout)
 
     def _answer_all(self, decoder: protocol.Decoder, replies: List[bytes]) -> bool:
         """Answer every whole frame received; False when the connection must close."""
@@ -361,7 +371,7 @@ class ConnectionHandler:
                 return True
             kind = type(message)
             if self.authenticated or kind is protocol.Auth:
-                reply = self._answers[kind](message)
+                reply = _ANSWERS[kind](self, message)
             else:
                 reply = protocol.Error(protocol.UNAUTHORIZED, protocol.REQUEST_TYPES[kind])
             replies.append(reply.encode())
@@ -376,17 +386,37 @@ class ConnectionHandler:
             if not self.authenticated and kind is protocol.Auth:
                 return False
 
-    def _access(self, message: protocol.AccessData) -> protocol.Data:
-        status, data = self.server.store.read(message.lease_id)
-        return protocol.Data(message.lease_id, data)
+    # One method a request type, looked up in _ANSWERS below.
+
+    def _lease(self, message: protocol.Lease) -> protocol.Reply:
+        return protocol.Leased(self.store.lease(message.size, message.duration_ms))
+
+    def _set(self, message: protocol.SetData) -> protocol.Reply:
+        return protocol.DataSet(self.store.write(message.lease_id, 0, message.data))
+
+    def _write(self, message: protocol.Write) -> protocol.Reply:
+        return protocol.DataSet(self.store.write(message.lease_id, message.offset, message.data))
+
+    def _access(self, message: protocol.AccessData) -> protocol.Reply:
+        # The original answers an unknown lease with no data; read() returns none then.
+        return protocol.Data(message.lease_id, self.store.read(message.lease_id)[1])
 
     def _read(self, message: protocol.Read) -> protocol.Reply:
-        status, data = self.server.store.read(message.lease_id, message.offset, message.length)
+        status, data = self.store.read(message.lease_id, message.offset, message.length)
         if status != protocol.OK:
             return protocol.DataSet(status)
         return protocol.Data(message.lease_id, data)
 
-    def _auth(self, message: protocol.Auth) -> protocol.DataSet:
+    def _renew(self, message: protocol.Renew) -> protocol.Reply:
+        return protocol.DataSet(self.store.renew(message.lease_id, message.duration_ms))
+
+    def _release(self, message: protocol.Release) -> protocol.Reply:
+        return protocol.DataSet(self.store.release(message.lease_id))
+
+    def _stats(self, message: protocol.Stats) -> protocol.Reply:
+        return protocol.StatsReply(self.server.stats())
+
+    def _auth(self, message: protocol.Auth) -> protocol.Reply:
         token = self.server.token
         if token is not None and not hmac.compare_digest(message.token, token):
             log.warning("%s presented a wrong token; closing", self.peer)
@@ -395,11 +425,27 @@ class ConnectionHandler:
         return protocol.DataSet(protocol.OK)
 
 
-class MemLeaseServer:
-    """Listens, hands each connection to a ConnectionHandler thread, stops gracefully.
+_ANSWERS: Dict[type, Callable[[ConnectionHandler, Any], protocol.Reply]] = {
+    protocol.Lease: ConnectionHandler._lease,
+    protocol.SetData: ConnectionHandler._set,
+    protocol.AccessData: ConnectionHandler._access,
+    protocol.Release: ConnectionHandler._release,
+    protocol.Renew: ConnectionHandler._renew,
+    protocol.Write: ConnectionHandler._write,
+    protocol.Read: ConnectionHandler._read,
+    protocol.Stats: ConnectionHandler._stats,
+    protocol.Auth: ConnectionHandler._auth,
+}
 
-    ``shutdown()`` may be called from any thread or a signal handler; ``serve_forever()``
-    then returns and ``close()`` finishes the requests in flight and closes everything.
+
+class MemLeaseServer:
+    """Listens, gives each connection a thread of its own, stops gracefully.
+
+    A thread whose connection has closed waits a while to be handed the next one, so
+    the one-request connections of the original's client do not each pay for starting
+    a thread.  ``shutdown()`` may be called from any thread or a signal handler;
+    ``serve_forever()`` then returns, and ``close()`` finishes the requests in flight
+    and closes everything.
     """
 
     def __init__(
@@ -426,9 +472,12 @@ class MemLeaseServer:
         self.socket = socket.create_server(address, family=family, backlog=1024)
         self.socket.setblocking(False)
         self.server_address: Tuple[str, int] = self.socket.getsockname()[:2]
+        self._lock = threading.Lock()  # guards the connection bookkeeping below
         self._handlers: Set[ConnectionHandler] = set()
-        self._handlers_lock = threading.Lock()
-        self._threads: Set[threading.Thread] = set()
+        self._workers: Set[threading.Thread] = set()
+        self._idle_workers = 0  # waiting on _handoff and not yet promised a connection
+        self._handoff: queue.SimpleQueue[Optional[ConnectionHandler]] = queue.SimpleQueue()
+        self._closing = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._stopping = threading.Event()
@@ -460,34 +509,32 @@ class MemLeaseServer:
     def close(self, timeout: float = 1.5) -> None:
         """Stop listening, let in-flight requests finish, close every connection."""
         self.socket.close()
-        with self._handlers_lock:
+        with self._lock:
+            self._closing = True
             handlers = list(self._handlers)
-            threads = list(self._threads)
+            workers = list(self._workers)
+            for _ in range(self._idle_workers):
+                self._handoff.put(None)
+            self._idle_workers = 0
         for handler in handlers:
             try:  # the handler's recv sees end of stream; its replies still go out
                 handler.sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
         deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(deadline - time.monotonic(), 0))
+        for worker in workers:
+            worker.join(max(deadline - time.monotonic(), 0))
         self._wake_r.close()
         self._wake_w.close()
         self.store.close()
 
     def stats(self) -> Dict[str, int]:
         stats = self.store.stats()
-        with self._handlers_lock:
+        with self._lock:
             stats["connections"] = len(self._handlers)
         stats["total_connections"] = self.total_connections
         stats["uptime"] = int(time.monotonic() - self._started)
         return stats
-
-    def forget(self, handler: ConnectionHandler) -> None:
-        """Called by a handler as its connection closes."""
-        with self._handlers_lock:
-            self._handlers.discard(handler)
-            self._threads.discard(threading.current_thread())
 
     def _accept(self) -> None:
         try:
@@ -500,18 +547,21 @@ class MemLeaseServer:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = "[%s]:%d" % address[:2] if sock.family == socket.AF_INET6 else "%s:%d" % address[:2]
-        with self._handlers_lock:
-            if len(self._handlers) >= self.max_connections:
-                busy = True
-            else:
-                busy = False
+        worker = None
+        with self._lock:
+            busy = len(self._handlers) >= self.max_connections
+            if not busy:
                 self.total_connections += 1
                 handler = ConnectionHandler(self, sock, peer)
-                thread = threading.Thread(
-                    target=handler.serve, name="memlease " + peer, daemon=True
-                )
                 self._handlers.add(handler)
-                self._threads.add(thread)
+                if self._idle_workers:
+                    self._idle_workers -= 1
+                    self._handoff.put(handler)
+                else:
+                    worker = threading.Thread(
+                        target=self._work, args=(handler,), name="memlease-worker", daemon=True
+                    )
+                    self._workers.add(worker)
         if busy:
             log.warning("%s refused: %d connections already open", peer, self.max_connections)
             try:
@@ -521,7 +571,35 @@ class MemLeaseServer:
             sock.close()
             return
         log.debug("%s connected", peer)
-        thread.start()
+        if worker is not None:
+            worker.start()
+
+    def _work(self, handler: Optional[ConnectionHandler]) -> None:
+        """A worker thread: serve a connection, then wait to be handed the next one."""
+        while handler is not None:
+            handler.serve()
+            log.debug("%s closed", handler.peer)
+            with self._lock:
+                self._handlers.discard(handler)
+                if self._closing:
+                    break
+                self._idle_workers += 1
+            handler = self._next_handler()
+        with self._lock:
+            self._workers.discard(threading.current_thread())
+
+    def _next_handler(self) -> Optional[ConnectionHandler]:
+        """The next connection to serve, or None when this worker should end."""
+        while True:
+            try:
+                return self._handoff.get(timeout=WORKER_IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    # Leave only while no connection is promised to the waiting workers
+                    # beyond those that stay.
+                    if self._idle_workers:
+                        self._idle_workers -= 1
+                        return None
 
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)

@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: MemoryLease against memcached, on loopback, stdlib only.
+
+Both servers run on ports from the OS and are driven by the same multi-process load
+generator with 100-byte values; each scenario alternates the two targets within every
+repetition and reports medians, so the ratio is measured under the same machine load.
+Also: the allocator's cost per operation by pool size, and the server's RSS.
+
+    python3 bench_memlease.py            # about 3 minutes
+    python3 bench_memlease.py --quick    # under a minute
+"""
+
+import argparse
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import protocol
+from buddy import BuddyAllocator
+from memlease_client import MemLeaseClient
+
+HERE = Path(__file__).resolve().parent
+VALUE = bytes(range(100))
+BATCH = 100  # requests per pipelined batch
+
+
+# The two targets, each as a minimal client speaking its own protocol.
+
+
+class Target(NamedTuple):
+    name: str
+    port: int
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+class Session:
+    """One connection's set and get requests, as bytes, with the size of each reply."""
+
+    def __init__(self, target: Target, key: int) -> None:
+        self.target = target
+        if target.name == "memcached":
+            name = b"k%d" % key
+            self.set_request = b"set %s 0 0 %d\r\n%s\r\n" % (name, len(VALUE), VALUE)
+            self.set_reply = len(b"STORED\r\n")
+            self.get_request = b"get %s\r\n" % name
+            self.get_reply = len(b"VALUE %s 0 %d\r\n\r\nEND\r\n" % (name, len(VALUE))) + len(VALUE)
+        else:
+            with MemLeaseClient("127.0.0.1", target.port, timeout=10) as client:
+                lease_id = client.lease(len(VALUE), 3_600_000)
+            self.set_request = protocol.SetData(lease_id, VALUE).encode()
+            self.set_reply = len(protocol.DataSet(0).encode())
+            self.get_request = protocol.AccessData(lease_id).encode()
+            self.get_reply = len(protocol.Data(lease_id, VALUE).encode())
+            self.lease_id = lease_id
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.target.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+# Load generator: each worker process runs one scenario loop until the shared deadline.
+
+
+class Result(NamedTuple):
+    ops: int
+    latencies: List[float]
+
+
+def _persistent(session: Session, until: float) -> Result:
+    sock = session.connect()
+    ops, latencies = 0, []
+    requests = ((session.set_request, session.set_reply), (session.get_request, session.get_reply))
+    clock = time.perf_counter
+    while clock() < until:
+        for request, reply_size in requests:
+            began = clock()
+            sock.sendall(request)
+            _recv_exact(sock, reply_size)
+            latencies.append(clock() - began)
+        ops += 2
+    sock.close()
+    return Result(ops, latencies)
+
+
+def _one_shot(session: Session, until: float) -> Result:
+    ops = 0
+    requests = ((session.set_request, session.set_reply), (session.get_request, session.get_reply))
+    while time.perf_counter() < until:
+        for request, reply_size in requests:
+            with session.connect() as sock:
+                sock.sendall(request)
+                _recv_exact(sock, reply_size)
+        ops += 2
+    return Result(ops, [])
+
+
+def _pipelined(session: Session, until: float) -> Result:
+    ops = 0
+    if session.target.name == "memcached":
+        sock = session.connect()
+        batch = (session.set_request + session.get_request) * (BATCH // 2)
+        reply_size = (session.set_reply + session.get_reply) * (BATCH // 2)
+        while time.perf_counter() < until:
+            sock.sendall(batch)
+            _recv_exact(sock, reply_size)
+            ops += BATCH
+        sock.close()
+        return Result(ops, [])
+    # Ours goes through the Python API, as users would pipeline.
+    with MemLeaseClient("127.0.0.1", session.target.port, timeout=10) as client:
+        while time.perf_counter() < until:
+            pipe = client.pipeline()
+            for _ in range(BATCH // 2):
+                pipe.set(session.lease_id, VALUE).get(session.lease_id)
+            results = pipe.execute()
+            assert results[-1] == VALUE
+            ops += BATCH
+    return Result(ops, [])
+
+
+SCENARIOS: Dict[str, Callable[[Session, float], Result]] = {
+    "persistent": _persistent,
+    "one-shot": _one_shot,
+    "pipelined": _pipelined,
+}
+
+
+def _worker(args: Tuple[str, Target, int, float, float]) -> Result:
+    scenario, target, key, start_at, seconds = args
+    session = Session(target, key)
+    time.sleep(max(0.0, start_at - time.time()))
+    return SCENARIOS[scenario](session, time.perf_counter() + seconds)
+
+
+def run_load(
+    pool: "multiprocessing.pool.Pool", scenario: str, target: Target, clients: int, seconds: float
+) -> Result:
+    start_at = time.time() + 0.3
+    jobs = [(scenario, target, key, start_at, seconds) for key in range(clients)]
+    results = pool.map(_worker, jobs)
+    return Result(sum(r.ops for r in results), [lat for r in results for lat in r.latencies])
+
+
+# Servers.
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_ours(
+    pool: str, log: "tempfile._TemporaryFileWrapper[str]"
+) -> Tuple[subprocess.Popen, Target]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "memlease_server.py"), "0", pool, "--bind", "127.0.0.1", "-q"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(200):
+        match = re.search(r"starting server on port (\d+)", Path(log.name).read_text())
+        if match:
+            return proc, Target("memlease", int(match.group(1)))
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("memlease_server did not start: " + Path(log.name).read_text())
+
+
+def start_memcached() -> Optional[Tuple[subprocess.Popen, Target]]:
+    binary = shutil.which("memcached")
+    if binary is None:
+        return None
+    port = _free_port()
+    user = ["-u", "root"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen(
+        [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64", *user]
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, Target("memcached", port)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("memcached did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+# The parts of the report.
+
+
+def percentile(values: List[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+PLAN = [
+    ("persistent", 1), ("persistent", 4), ("persistent", 16),
+    ("one-shot", 1), ("one-shot", 4),
+    ("pipelined", 1), ("pipelined", 4),
+]  # fmt: skip
+
+
+def bench_servers(
+    targets: List[Target], reps: int, seconds: float, plan: List[Tuple[str, int]]
+) -> None:
+    names = [t.name for t in targets]
+    header = "| scenario | clients | " + " | ".join("%s ops/s" % n for n in names)
+    header += " | ratio ours/memcached |" if len(targets) == 2 else " |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    latency_rows = []
+    with multiprocessing.get_context("spawn").Pool(16) as pool:
+        for scenario, clients in plan:
+            rates: Dict[str, List[float]] = {n: [] for n in names}
+            latencies: Dict[str, List[List[float]]] = {n: [] for n in names}
+            for _ in range(reps):
+                for target in targets:
+                    result = run_load(pool, scenario, target, clients, seconds)
+                    rates[target.name].append(result.ops / seconds)
+                    latencies[target.name].append(result.latencies)
+            medians = [statistics.median(rates[n]) for n in names]
+            row = "| %s | %d | %s |" % (scenario, clients, " | ".join("%.0f" % m for m in medians))
+            if len(targets) == 2:
+                row += " %.2f |" % (medians[0] / medians[1])
+            print(row, flush=True)
+            if scenario == "persistent":
+                for n in names:
+                    p50 = statistics.median(percentile(lat, 0.50) for lat in latencies[n])
+                    p99 = statistics.median(percentile(lat, 0.99) for lat in latencies[n])
+                    latency_rows.append(
+                        "| %s | %d | %.0f | %.0f |" % (n, clients, p50 * 1e6, p99 * 1e6)
+                    )
+    print()
+    print("| persistent latency | clients | p50 us | p99 us |")
+    print("|---|---|---|---|")
+    for row in latency_rows:
+        print(row)
+
+
+def bench_allocator(reps: int, operations: int) -> None:
+    print()
+    print("| allocator pool | alloc+free per second | cost vs 16 MiB |")
+    print("|---|---|---|")
+    base = None
+    for label, pool_size in (("16 MiB", 16 << 20), ("1 GiB", 1 << 30), ("16 GiB", 16 << 30)):
+        rates = []
+        for rep in range(reps):
+            rng = random.Random(rep)
+            allocator = BuddyAllocator(pool_size)
+            sizes = [rng.choice((32, 64, 100, 256, 1000, 4096)) for _ in range(operations)]
+            live = [allocator.alloc(rng.choice((32, 100, 1000, 4096))) for _ in range(4000)]
+            victims = [rng.randrange(4000) for _ in range(operations)]
+            began = time.perf_counter()
+            for size, victim in zip(sizes, victims):
+                allocator.free(live[victim])  # type: ignore[arg-type]
+                live[victim] = allocator.alloc(size)
+            rates.append(operations / (time.perf_counter() - began))
+        rate = statistics.median(rates)
+        base = base or rate
+        print("| %s | %.0f | %.2fx |" % (label, rate, base / rate))
+
+
+def bench_memory() -> None:
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        proc, target = start_ours("4G", log)
+        try:
+            with MemLeaseClient("127.0.0.1", target.port, timeout=10) as client:
+                for _ in range(10):
+                    lease_id = client.lease(1 << 20, 600_000)
+                    client.set(lease_id, b"\xab" * (1 << 20))
+            status = Path("/proc/%d/status" % proc.pid).read_text()
+            rss_kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        finally:
+            stop(proc)
+    print()
+    print("| memory | server RSS |")
+    print("|---|---|")
+    print("| 4 GiB pool, 10 MiB leased and written | %.1f MiB |" % (rss_kib / 1024))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer and shorter runs (under a minute)"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions per scenario (default 5, quick 3)")
+    parser.add_argument("--seconds", type=float, help="seconds per run (default 2, quick 0.6)")
+    parser.add_argument(
+        "--only",
+        metavar="SCENARIO",
+        help="run only this server scenario, e.g. 'persistent' or 'one-shot:4'",
+    )
+    args = parser.parse_args()
+    plan = [
+        (scenario, clients)
+        for scenario, clients in PLAN
+        if args.only in (None, scenario, "%s:%d" % (scenario, clients))
+    ]
+    if not plan:
+        parser.error("--only takes one of: " + ", ".join("%s:%d" % step for step in PLAN))
+    reps = args.reps or (3 if args.quick else 5)
+    seconds = args.seconds or (0.6 if args.quick else 2.0)
+    print(
+        "# %s, Python %s, %d CPUs; %d reps of %.1fs, medians"
+        % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count() or 0, reps, seconds)
+    )
+    print()
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        ours, ours_target = start_ours("64M", log)
+        memcached = start_memcached()
+        try:
+            targets = [ours_target]
+            if memcached is None:
+                print("memcached is not on PATH (Debian package 'memcached'): column skipped.\n")
+            else:
+                targets.append(memcached[1])
+            bench_servers(targets, reps, seconds, plan)
+        finally:
+            stop(ours)
+            if memcached is not None:
+                stop(memcached[0])
+    if args.only is None:
+        bench_allocator(reps, 20_000 if args.quick else 100_000)
+        if os.path.exists("/proc/self/status"):
+            bench_memory()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
