@@ -259,14 +259,19 @@ class LeaseStore:
 
 # A blocking socket whose timeouts the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO) costs one
 # system call a recv or send; Python's own timeouts poll() first and so cost two, each
-# a release and re-take of the GIL.  Where the option is missing, Python's are used.
+# a release and re-take of the GIL.  Windows takes these options in milliseconds, not
+# as a timeval, so there, and wherever the options are missing, Python's are used.
 TIMED_OUT = (socket.timeout, BlockingIOError)
 _TIMEVAL = struct.Struct("@ll")
+_KERNEL_TIMEOUTS = sys.platform != "win32"
 
 
 def set_timeout(sock: socket.socket, seconds: float) -> None:
     """Make recv and send on ``sock`` give up after ``seconds``, raising TIMED_OUT."""
     seconds = max(seconds, 0.001)
+    if not _KERNEL_TIMEOUTS:
+        sock.settimeout(seconds)
+        return
     whole = int(seconds)
     timeval = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
     try:
@@ -289,6 +294,19 @@ def _describe(reply: protocol.Reply) -> str:
     return protocol.STATUS_TEXT.get(reply.status, str(reply.status))
 
 
+class Peer:
+    """A client's address, formatted only when a log line is actually written."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, address: Tuple[Any, ...]) -> None:
+        self.address = address
+
+    def __str__(self) -> str:
+        host, port = self.address[:2]
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 class ConnectionHandler:
     """Serves one connection: decodes frames as they arrive and answers each in order.
 
@@ -296,7 +314,7 @@ class ConnectionHandler:
     cost one system call each way.
     """
 
-    def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: Peer) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
@@ -546,7 +564,7 @@ class MemLeaseServer:
             time.sleep(0.05)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = "[%s]:%d" % address[:2] if sock.family == socket.AF_INET6 else "%s:%d" % address[:2]
+        peer = Peer(address)
         worker = None
         with self._lock:
             busy = len(self._handlers) >= self.max_connections

@@ -430,7 +430,31 @@ def test_the_seed_session_through_the_cli():
         assert out.returncode == 0
         assert out.stdout == b"Data get for lease %s: this is some text\n" % lease_id.encode()
         log = server.output()
-        assert "lease" in log and lease_id in log  # one line per request
+        for command, result in (
+            ("lease -", "id " + lease_id),
+            ("set " + lease_id, "ok"),
+            ("get " + lease_id, "1024 bytes"),
+        ):
+            assert re.search(r"INFO 127\.0\.0\.1:\d+ %s -> %s\n" % (command, result), log), log
+
+
+def test_log_lines_name_the_peer():
+    from memlease_server import Peer
+
+    assert str(Peer(("127.0.0.1", 4120))) == "127.0.0.1:4120"
+    assert str(Peer(("::1", 4120, 0, 0))) == "[::1]:4120"
+
+
+def test_kernel_timeouts_end_a_blocking_recv():
+    from memlease_server import TIMED_OUT, set_timeout
+
+    left, right = socket.socketpair()
+    with left, right:
+        set_timeout(left, 0.05)
+        with pytest.raises(TIMED_OUT):
+            left.recv(10)
+        right.sendall(b"x")
+        assert left.recv(10) == b"x"
 
 
 def test_cli_sends_the_text_with_its_nul_like_the_original():
