@@ -281,6 +281,21 @@ def set_timeout(sock: socket.socket, seconds: float) -> None:
         sock.settimeout(seconds)
 
 
+def configure_connection(sock: socket.socket, idle_timeout: float) -> None:
+    """Replies leave at once (no Nagle delay), and an idle connection times out."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_timeout(sock, idle_timeout)
+
+
+def inherits_configuration(sock: socket.socket) -> bool:
+    """Whether an accepted socket came configured like its listener, as on Linux."""
+    return bool(
+        _KERNEL_TIMEOUTS
+        and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        and any(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size))
+    )
+
+
 def _describe(reply: protocol.Reply) -> str:
     """The result of a request, in words for the log."""
     if isinstance(reply, protocol.Leased):
@@ -339,7 +354,6 @@ class ConnectionHandler:
         sock = self.sock
         server = self.server
         decoder = protocol.request_decoder(server.max_frame)
-        set_timeout(sock, server.idle_timeout)
         frame_deadline: Optional[float] = None
         while True:
             try:
@@ -488,7 +502,11 @@ class MemLeaseServer:
         host = address[0]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server(address, family=family, backlog=1024)
+        # Configured once here: on Linux every accepted socket inherits it, which saves
+        # three system calls a connection.  The first accept tells whether it did.
+        configure_connection(self.socket, idle_timeout)
         self.socket.setblocking(False)
+        self._inherits_configuration: Optional[bool] = None
         self.server_address: Tuple[str, int] = self.socket.getsockname()[:2]
         self._lock = threading.Lock()  # guards the connection bookkeeping below
         self._handlers: Set[ConnectionHandler] = set()
@@ -563,7 +581,10 @@ class MemLeaseServer:
             log.error("accept failed: %s", exc)
             time.sleep(0.05)
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._inherits_configuration is None:
+            self._inherits_configuration = inherits_configuration(sock)
+        if not self._inherits_configuration:
+            configure_connection(sock, self.idle_timeout)
         peer = Peer(address)
         worker = None
         with self._lock:

@@ -445,6 +445,26 @@ def test_log_lines_name_the_peer():
     assert str(Peer(("::1", 4120, 0, 0))) == "[::1]:4120"
 
 
+def test_connection_configuration_is_set_or_inherited():
+    from memlease_server import configure_connection, inherits_configuration
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert not inherits_configuration(accepted)
+                configure_connection(accepted, 7.0)
+                assert inherits_configuration(accepted)  # what a listener would pass on
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        if sys.platform.startswith("linux"):
+            configure_connection(listener, 7.0)
+            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
+                accepted, _ = listener.accept()
+                with accepted:
+                    assert inherits_configuration(accepted)
+
+
 def test_kernel_timeouts_end_a_blocking_recv():
     from memlease_server import TIMED_OUT, set_timeout
 
