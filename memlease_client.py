@@ -11,6 +11,7 @@ python3 memlease_client.py localhost 412 lease 1024 5000
 """
 
 import argparse
+import math
 import os
 import socket
 import struct
@@ -459,8 +460,10 @@ def _with_default_port(argv: List[str]) -> List[str]:
 
 
 def _payload(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bytes:
-    if (args.data is None) == (args.file is None):
-        parser.error("set needs DATA or --file PATH (one of them)")
+    if args.data is None and args.file is None:
+        parser.error("set needs DATA or --file PATH")
+    if args.data is not None and args.file is not None:
+        parser.error("set takes DATA or --file PATH, not both")
     if args.file is None:
         return cast(str, args.data).encode() + b"\0"
     try:
@@ -523,6 +526,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(_with_default_port(list(sys.argv[1:] if argv is None else argv)))
     if not 0 < args.port < 65536:
         parser.error("port %d is not between 1 and 65535" % args.port)
+    if not 0 < args.timeout < math.inf:
+        parser.error("--timeout must be a positive number of seconds")
     payload = _payload(parser, args) if args.command == "set" else b""
     try:
         with MemLeaseClient(args.host, args.port, timeout=args.timeout) as client:

@@ -14,6 +14,7 @@ import heapq
 import hmac
 import ipaddress
 import logging
+import math
 import mmap
 import os
 import queue
@@ -662,13 +663,15 @@ def parse_port(text: str) -> int:
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a finite number above zero (NaN and infinity are refused)."""
+
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError("%r is not a number" % text) from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError("%r must be positive" % text)
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError("%r must be a positive finite number" % text)
         return value
 
     return parse

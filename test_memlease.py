@@ -525,6 +525,10 @@ def test_cli_too_long_set_reports_the_status():
         ["get", "x1"],
         ["set", "5"],
         ["lease", "99999999999"],
+        ["stats", "--timeout", "-1"],
+        ["stats", "--timeout", "nan"],
+        ["set", "5", "text", "--file", "/nonexistent"],
+        ["get", "5", "--length", "-3"],
         [],
     ],
 )
@@ -591,7 +595,19 @@ def test_cli_binary_file_raw_get_ranges_renew_release_stats(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["412"], ["notaport", "2048"], ["412", "lots"], ["412", "16"], ["70000", "1M"]]
+    "args",
+    [
+        [],
+        ["412"],
+        ["notaport", "2048"],
+        ["412", "lots"],
+        ["412", "16"],
+        ["70000", "1M"],
+        ["412", "1M", "--idle-timeout", "nan"],
+        ["412", "1M", "--frame-timeout", "inf"],
+        ["412", "1M", "--max-connections", "0"],
+        ["412", "1M", "--token-file", "/nonexistent"],
+    ],
 )
 def test_server_bad_arguments_exit_2(args):
     out = subprocess.run([sys.executable, SERVER, *args], capture_output=True, timeout=30)
