@@ -113,7 +113,7 @@ def _lease_id(request: protocol.Request, reply: protocol.Reply) -> int:
     if reply.lease_id > 0:
         return reply.lease_id
     if reply.lease_id == protocol.NO_MEMORY:
-        raise OutOfMemory("lease refused: no free block large enough", reply.lease_id)
+        raise OutOfMemory("lease refused: " + protocol.NO_MEMORY_TEXT, reply.lease_id)
     raise _status_error(reply.lease_id, "lease refused")
 
 

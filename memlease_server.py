@@ -35,6 +35,7 @@ from buddy import Block, BuddyAllocator
 log = logging.getLogger("memlease")
 
 RECV_SIZE = 256 * 1024
+REPLY_BUFFER = 256 * 1024  # replies buffered before they are sent mid-read
 MIN_BLOCK = 32
 WORKER_IDLE_SECONDS = 60.0  # how long a thread waits for another connection before ending
 
@@ -302,7 +303,9 @@ def _describe(reply: protocol.Reply) -> str:
     if isinstance(reply, protocol.Leased):
         if reply.lease_id > 0:
             return "id %d" % reply.lease_id
-        return "refused (%s)" % protocol.STATUS_TEXT[reply.lease_id]
+        if reply.lease_id == protocol.NO_MEMORY:
+            return "refused (%s)" % protocol.NO_MEMORY_TEXT
+        return "refused (%s)" % protocol.STATUS_TEXT.get(reply.lease_id, str(reply.lease_id))
     if isinstance(reply, protocol.Data):
         return "%d bytes" % len(reply.data) if reply.data else "not found"
     if isinstance(reply, protocol.StatsReply):
@@ -326,8 +329,9 @@ class Peer:
 class ConnectionHandler:
     """Serves one connection: decodes frames as they arrive and answers each in order.
 
-    All replies to the frames of one read go back in one send, so pipelined requests
-    cost one system call each way.
+    The replies to the frames of one read go back in one send, so pipelined requests
+    cost one system call each way; past REPLY_BUFFER bytes they are sent at once, so a
+    burst of reads of a large lease cannot pile copies of it up in memory.
     """
 
     def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: Peer) -> None:
@@ -372,52 +376,71 @@ class ConnectionHandler:
                     log.info("%s disconnected in the middle of a frame", self.peer)
                 return
             decoder.feed(data)
-            replies: List[bytes] = []
-            keep_open = self._answer_all(decoder, replies)
-            if replies:
-                sock.sendall(b"".join(replies))
+            answered, keep_open = self._answer_all(decoder)
             if not keep_open:
                 return
             if decoder.in_frame:
                 now = time.monotonic()
-                if frame_deadline is None or replies:
+                if frame_deadline is None or answered:
                     frame_deadline = now + server.frame_timeout
                 set_timeout(sock, min(frame_deadline - now, server.idle_timeout))
             elif frame_deadline is not None:
                 frame_deadline = None
                 set_timeout(sock, server.idle_timeout)
 
-    def _answer_all(self, decoder: protocol.Decoder, replies: List[bytes]) -> bool:
-        """Answer every whole frame received; False when the connection must close."""
-        while True:
+    def _answer_all(self, decoder: protocol.Decoder) -> Tuple[bool, bool]:
+        """Answer every whole frame received.
+
+        Returns whether any frame was answered, and whether the connection stays open.
+        """
+        replies: List[bytes] = []
+        buffered = 0
+        answered = False
+        keep_open = True
+        while keep_open:
             try:
                 message = decoder.next_message()
             except protocol.BadFrame as exc:
                 log.warning("%s bad frame, closing: %s", self.peer, exc)
                 replies.append(protocol.Error(exc.status, exc.msg_type).encode())
-                return False
+                keep_open = False
+                break
             except protocol.BadMessage as exc:
                 log.warning("%s bad message: %s", self.peer, exc)
                 replies.append(protocol.Error(exc.status, exc.msg_type).encode())
                 continue
             if message is None:
-                return True
-            kind = type(message)
-            if self.authenticated or kind is protocol.Auth:
-                reply = _ANSWERS[kind](self, message)
-            else:
-                reply = protocol.Error(protocol.UNAUTHORIZED, protocol.REQUEST_TYPES[kind])
-            replies.append(reply.encode())
-            if self._log_requests:
-                log.info(
-                    "%s %s %s -> %s",
-                    self.peer,
-                    protocol.TYPE_NAMES[protocol.REQUEST_TYPES[kind]],
-                    getattr(message, "lease_id", "-"),
-                    _describe(reply),
-                )
-            if not self.authenticated and kind is protocol.Auth:
-                return False
+                break
+            answered = True
+            reply, keep_open = self._answer(message)
+            replies.append(reply)
+            buffered += len(reply)
+            if buffered >= REPLY_BUFFER:
+                self.sock.sendall(b"".join(replies))
+                replies.clear()
+                buffered = 0
+        if replies:
+            self.sock.sendall(b"".join(replies))
+        return answered, keep_open
+
+    def _answer(self, message: protocol.Message) -> Tuple[bytes, bool]:
+        """One request's encoded reply, and whether the connection stays open."""
+        kind = type(message)
+        reply: protocol.Reply
+        if self.authenticated or kind is protocol.Auth:
+            reply = _ANSWERS[kind](self, message)
+        else:
+            reply = protocol.Error(protocol.UNAUTHORIZED, protocol.REQUEST_TYPES[kind])
+        if self._log_requests:
+            log.info(
+                "%s %s %s -> %s",
+                self.peer,
+                protocol.TYPE_NAMES[protocol.REQUEST_TYPES[kind]],
+                getattr(message, "lease_id", "-"),
+                _describe(reply),
+            )
+        # A wrong token closes the connection; so does nothing else.
+        return reply.encode(), self.authenticated or kind is not protocol.Auth
 
     # One method a request type, looked up in _ANSWERS below.
 

@@ -60,6 +60,8 @@ FRAME_TOO_LARGE = -8  # the length field is negative or above the server's limit
 BUSY = -9  # the server is at its connection limit
 NO_MEMORY = NOT_FOUND  # Leased only: the original's refusal, kept for its client
 
+NO_MEMORY_TEXT = "no free block large enough"  # what NO_MEMORY means in Leased
+
 STATUS_TEXT = {
     OK: "ok",
     NOT_FOUND: "no such lease, or it has expired",

@@ -1138,6 +1138,29 @@ def test_max_connections_refuses_the_excess_at_once():
         assert_still_serving(server)
 
 
+def rss_mib(pid: int) -> float:
+    status = Path("/proc/%d/status" % pid).read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_unread_replies_do_not_pile_up_in_the_server():
+    with server_process("8M", "-q") as server:
+        with client_for(server) as client:
+            lease_id = client.lease(1 << 20, 60000)
+        baseline = rss_mib(server.proc.pid)
+        with connect(server) as greedy:
+            greedy.sendall(protocol.AccessData(lease_id).encode() * 400)  # 400 MiB of replies
+            peak = baseline
+            for _ in range(50):
+                peak = max(peak, rss_mib(server.proc.pid))
+                time.sleep(0.02)
+        assert peak - baseline < 64, (baseline, peak)
+        with client_for(server) as client:
+            client.release(lease_id)
+        assert_still_serving(server)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_one_request_connections_leak_no_descriptors():
     with server_process("1M", "-q") as server:
