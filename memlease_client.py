@@ -97,11 +97,13 @@ class _Call(NamedTuple):
     result: Callable[[protocol.Request, protocol.Reply], Any]
 
 
+def _request_name(request: protocol.Request) -> str:
+    return protocol.TYPE_NAMES[protocol.REQUEST_TYPES[type(request)]]
+
+
 def _unexpected(request: protocol.Request, reply: protocol.Reply) -> MemLeaseError:
     if isinstance(reply, protocol.Error):
-        return _status_error(
-            reply.status, protocol.TYPE_NAMES[protocol.REQUEST_TYPES[type(request)]]
-        )
+        return _status_error(reply.status, _request_name(request))
     return MemLeaseProtocolError(
         "unexpected reply %r to %r" % (type(reply).__name__, type(request).__name__)
     )
@@ -121,7 +123,9 @@ def _done(request: protocol.Request, reply: protocol.Reply) -> None:
     if not isinstance(reply, protocol.DataSet):
         raise _unexpected(request, reply)
     if reply.status != protocol.OK:
-        raise _status_error(reply.status, "lease %d" % getattr(request, "lease_id", 0))
+        lease_id = getattr(request, "lease_id", None)
+        what = _request_name(request) if lease_id is None else "lease %d" % lease_id
+        raise _status_error(reply.status, what)
 
 
 def _data(request: protocol.Request, reply: protocol.Reply) -> bytes:
@@ -537,6 +541,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except MemLeaseError as exc:
         print(_refusal(args, exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # whoever read our output has gone: say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

@@ -591,6 +591,23 @@ def test_cli_binary_file_raw_get_ranges_renew_release_stats(tmp_path):
         assert run_cli("release", lease_id, port=server.port).returncode == 1
 
 
+def test_cli_raw_get_into_a_closed_pipe_is_quiet():
+    with server_process() as server, client_for(server) as client:
+        lease_id = client.lease(1 << 20, 60000)
+        reader = subprocess.Popen(
+            ["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
+        out = subprocess.run(
+            [sys.executable, CLIENT, "127.0.0.1", str(server.port), "get", str(lease_id), "--raw"],
+            stdout=reader.stdin,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
+        reader.stdin.close()
+        reader.wait(10)
+        assert out.returncode in (0, 1) and b"Traceback" not in out.stderr, out.stderr
+
+
 # The server's command line.
 
 
@@ -1194,7 +1211,7 @@ def test_without_a_token_no_auth_is_needed():
 
 def test_with_a_token_only_the_right_one_gets_in():
     with server_thread(token=TOKEN.encode()) as server:
-        with pytest.raises(Unauthorized):
+        with pytest.raises(Unauthorized, match="^auth: unauthorized"):
             client_for(server, token="wrong").lease(32)
         with client_for(server, token=TOKEN) as client:
             lease_id = client.lease(32)
