@@ -526,8 +526,21 @@ def _refusal(args: argparse.Namespace, error: MemLeaseError) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: returns the exit status."""
+    try:
+        status = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, so that a closed pipe is handled below
+        return status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # whoever read our output has gone: say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: List[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(_with_default_port(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(_with_default_port(argv))
     if not 0 < args.port < 65536:
         parser.error("port %d is not between 1 and 65535" % args.port)
     if not 0 < args.timeout < math.inf:
@@ -541,11 +554,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except MemLeaseError as exc:
         print(_refusal(args, exc))
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # whoever read our output has gone: say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 
