@@ -45,7 +45,6 @@ class BuddyAllocator:
         self.roots: List[Block] = []
         self._free: List[Dict[int, Block]] = [{} for _ in range(pool_size.bit_length())]
         self._nonempty = 0  # bit k set <=> self._free[k] is not empty
-        self._free_bytes = 0
         offset = 0
         for order in range(pool_size.bit_length() - 1, self.min_order - 1, -1):
             if pool_size & (1 << order):
@@ -97,10 +96,10 @@ class BuddyAllocator:
         self._free_bytes += block.size
         parent = block.parent
         while parent is not None:
-            buddy = self._free[block.order].pop(block.offset ^ block.size, None)
-            if buddy is None:
-                break
-            if not self._free[block.order]:
+            free = self._free[block.order]
+            if free.pop(block.offset ^ block.size, None) is None:
+                break  # the buddy is allocated or split: no merge
+            if not free:
                 self._nonempty &= ~(1 << block.order)
             parent.left = parent.right = None
             block = parent

@@ -260,6 +260,12 @@ class BadFrame(ProtocolError):
 Parser = Callable[[bytearray, int, int], Message]
 
 
+def _copy(buf: bytearray, start: int, end: int) -> bytes:
+    """One copy of ``buf[start:end]`` (slicing the bytearray first would make two)."""
+    with memoryview(buf) as view:
+        return view[start:end].tobytes()
+
+
 def _fixed(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
     """A parser for a payload of exactly ``layout.size`` bytes."""
 
@@ -289,8 +295,7 @@ def _with_data(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
                 msg_type,
                 "data length %d disagrees with the frame's %d" % (count, length - layout.size),
             )
-        data_start = start + layout.size
-        return make(*fields, bytes(buf[data_start : start + length]))
+        return make(*fields, _copy(buf, start + layout.size, start + length))
 
     return parse
 
@@ -299,7 +304,7 @@ def _whole(make: Callable[[bytes], Message]) -> Parser:
     """A parser whose message is the whole payload."""
 
     def parse(buf: bytearray, start: int, length: int) -> Message:
-        return make(bytes(buf[start : start + length]))
+        return make(_copy(buf, start, start + length))
 
     return parse
 
