@@ -4,9 +4,10 @@
 Both servers run on ports from the OS and are driven by the same multi-process load
 generator with 100-byte values; each scenario alternates the two targets within every
 repetition and reports medians, so the ratio is measured under the same machine load.
-Also: the allocator's cost per operation by pool size, and the server's RSS.
+Also: the allocator's cost per operation by pool size, the server's RSS, and its
+descriptor count after 100,000 one-request connections (the original leaked one each).
 
-    python3 bench_memlease.py            # about 3 minutes
+    python3 bench_memlease.py            # about 4 minutes
     python3 bench_memlease.py --quick    # under a minute
 """
 
@@ -317,6 +318,37 @@ def bench_memory() -> None:
     print("| 4 GiB pool, 10 MiB leased and written | %.1f MiB |" % (rss_kib / 1024))
 
 
+def bench_descriptors(connections: int) -> None:
+    """One-request connections, the C++ client's way: the server must not keep any."""
+    frame = protocol.AccessData(1).encode()
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        proc, target = start_ours("1M", log)
+        try:
+            fd_dir = "/proc/%d/fd" % proc.pid
+            before = len(os.listdir(fd_dir))
+            began = time.perf_counter()
+            for _ in range(connections):
+                with socket.create_connection(("127.0.0.1", target.port), timeout=10) as sock:
+                    sock.sendall(frame)
+                    _recv_exact(sock, len(protocol.Data(1, b"").encode()))
+            seconds = time.perf_counter() - began
+            after = len(os.listdir(fd_dir))
+            for _ in range(100):  # the last connections may still be closing
+                if after <= before:
+                    break
+                time.sleep(0.05)
+                after = len(os.listdir(fd_dir))
+        finally:
+            stop(proc)
+    print()
+    print("| descriptors | server's open descriptors |")
+    print("|---|---|")
+    print(
+        "| %d one-request connections in %.1fs | %d before, %d after |"
+        % (connections, seconds, before, after)
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -364,6 +396,7 @@ def main() -> int:
         bench_allocator(reps, 20_000 if args.quick else 100_000)
         if os.path.exists("/proc/self/status"):
             bench_memory()
+            bench_descriptors(10_000 if args.quick else 100_000)
     return 0
 
 
