@@ -97,13 +97,9 @@ class _Call(NamedTuple):
     result: Callable[[protocol.Request, protocol.Reply], Any]
 
 
-def _request_name(request: protocol.Request) -> str:
-    return protocol.TYPE_NAMES[protocol.REQUEST_TYPES[type(request)]]
-
-
 def _unexpected(request: protocol.Request, reply: protocol.Reply) -> MemLeaseError:
     if isinstance(reply, protocol.Error):
-        return _status_error(reply.status, _request_name(request))
+        return _status_error(reply.status, protocol.request_name(request))
     return MemLeaseProtocolError(
         "unexpected reply %r to %r" % (type(reply).__name__, type(request).__name__)
     )
@@ -124,7 +120,7 @@ def _done(request: protocol.Request, reply: protocol.Reply) -> None:
         raise _unexpected(request, reply)
     if reply.status != protocol.OK:
         lease_id = getattr(request, "lease_id", None)
-        what = _request_name(request) if lease_id is None else "lease %d" % lease_id
+        what = protocol.request_name(request) if lease_id is None else "lease %d" % lease_id
         raise _status_error(reply.status, what)
 
 

@@ -435,7 +435,7 @@ class ConnectionHandler:
             log.info(
                 "%s %s %s -> %s",
                 self.peer,
-                protocol.TYPE_NAMES[protocol.REQUEST_TYPES[kind]],
+                protocol.request_name(message),
                 getattr(message, "lease_id", "-"),
                 _describe(reply),
             )
@@ -658,8 +658,9 @@ class MemLeaseServer:
                 return self._handoff.get(timeout=WORKER_IDLE_SECONDS)
             except queue.Empty:
                 with self._lock:
-                    # Leave only while no connection is promised to the waiting workers
-                    # beyond those that stay.
+                    # Waiting workers = unpromised ones (_idle_workers) + one for each
+                    # connection already queued.  Leaving is safe only while an
+                    # unpromised one exists; otherwise a connection is queued for us.
                     if self._idle_workers:
                         self._idle_workers -= 1
                         return None

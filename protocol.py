@@ -235,6 +235,12 @@ REQUEST_TYPES = {
     Auth: AUTH,
 }
 
+
+def request_name(request: object) -> str:
+    """The command a request message stands for, as the logs and errors name it."""
+    return TYPE_NAMES[REQUEST_TYPES[type(request)]]
+
+
 Request = Union[Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth]
 Reply = Union[Leased, Data, DataSet, StatsReply, Error]
 Message = Union[Request, Reply]
