@@ -10,13 +10,13 @@ See docs/protocol.md for every message and status code.
 """
 
 import struct
-from typing import Callable, Dict, NamedTuple, Optional, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
 INT32_MAX = 2**31 - 1
 
-# Message types.  1-5 are the original's; 6-13 are this implementation's extensions.
+# Message types.  1-5 are the original's; 6-16 are this implementation's extensions.
 LEASE = 1
 LEASED = 2
 SET_DATA = 3
@@ -30,6 +30,9 @@ STATS = 10
 STATS_REPLY = 11
 AUTH = 12
 ERROR = 13
+POOL_MAP = 14
+POOL_MAP_REPLY = 15
+REPLACE = 16
 
 TYPE_NAMES = {
     LEASE: "lease",
@@ -45,6 +48,9 @@ TYPE_NAMES = {
     STATS_REPLY: "stats-reply",
     AUTH: "auth",
     ERROR: "error",
+    POOL_MAP: "map",
+    POOL_MAP_REPLY: "map-reply",
+    REPLACE: "replace",
 }
 
 # Status codes, carried by DataSet and Error replies, and as a negative id in Leased.
@@ -111,9 +117,13 @@ class SetData(NamedTuple):
     lease_id: int
     data: bytes
 
-    def encode(self) -> bytes:
+    def head(self) -> bytes:
+        """The frame's bytes before its data, so large data can be sent without a copy."""
         n = len(self.data)
-        return _FRAME_IQ.pack(SET_DATA, _IQ.size + n, self.lease_id, n) + self.data
+        return _FRAME_IQ.pack(SET_DATA, _IQ.size + n, self.lease_id, n)
+
+    def encode(self) -> bytes:
+        return self.head() + self.data
 
 
 class AccessData(NamedTuple):
@@ -125,6 +135,11 @@ class AccessData(NamedTuple):
         return _FRAME_I.pack(ACCESS_DATA, _I.size, self.lease_id)
 
 
+def data_head(lease_id: int, length: int) -> bytes:
+    """The bytes of a Data reply before its ``length`` data bytes, which may be sent apart."""
+    return _FRAME_IQ.pack(ACCESS_DATA, _IQ.size + length, lease_id, length)
+
+
 class Data(NamedTuple):
     """The answer to AccessData and Read; empty data means no such lease."""
 
@@ -132,8 +147,7 @@ class Data(NamedTuple):
     data: bytes
 
     def encode(self) -> bytes:
-        n = len(self.data)
-        return _FRAME_IQ.pack(ACCESS_DATA, _IQ.size + n, self.lease_id, n) + self.data
+        return data_head(self.lease_id, len(self.data)) + self.data
 
 
 class DataSet(NamedTuple):
@@ -171,9 +185,13 @@ class Write(NamedTuple):
     offset: int
     data: bytes
 
-    def encode(self) -> bytes:
+    def head(self) -> bytes:
+        """The frame's bytes before its data, so large data can be sent without a copy."""
         n = len(self.data)
-        return _FRAME_IQQ.pack(WRITE, _IQQ.size + n, self.lease_id, self.offset, n) + self.data
+        return _FRAME_IQQ.pack(WRITE, _IQQ.size + n, self.lease_id, self.offset, n)
+
+    def encode(self) -> bytes:
+        return self.head() + self.data
 
 
 class Read(NamedTuple):
@@ -223,8 +241,82 @@ class Error(NamedTuple):
         return _FRAME_II.pack(ERROR, _II.size, self.status, self.request_type)
 
 
+class Replace(NamedTuple):
+    """Write ``data`` at the start of the lease and zero the rest, in one request."""
+
+    lease_id: int
+    data: bytes
+
+    def head(self) -> bytes:
+        """The frame's bytes before its data, so large data can be sent without a copy."""
+        n = len(self.data)
+        return _FRAME_IQ.pack(REPLACE, _IQ.size + n, self.lease_id, n)
+
+    def encode(self) -> bytes:
+        return self.head() + self.data
+
+
+class PoolMap(NamedTuple):
+    """Ask how the pool is used, cut into ``cells`` equal slices."""
+
+    cells: int
+
+    def encode(self) -> bytes:
+        return _FRAME_I.pack(POOL_MAP, _I.size, self.cells)
+
+
+_MAP_HEAD = struct.Struct("<qqqiii")
+_Q = struct.Struct("<q")
+_QQ = struct.Struct("<qq")
+
+
+class PoolMapReply(NamedTuple):
+    """The pool's picture: used bytes per slice, and the free blocks by size.
+
+    ``fragmentation`` is 1 - largest free block / free bytes, in per mille.
+    """
+
+    pool_bytes: int
+    free_bytes: int
+    largest_free: int
+    fragmentation: int
+    used: Tuple[int, ...]
+    free_blocks: Tuple[Tuple[int, int], ...]  # (block size, how many are free)
+
+    def encode(self) -> bytes:
+        head = _MAP_HEAD.pack(
+            self.pool_bytes,
+            self.free_bytes,
+            self.largest_free,
+            self.fragmentation,
+            len(self.used),
+            len(self.free_blocks),
+        )
+        cells = struct.pack("<%dq" % len(self.used), *self.used)
+        sizes = b"".join(_QQ.pack(size, count) for size, count in self.free_blocks)
+        payload = head + cells + sizes
+        return HEADER.pack(POOL_MAP_REPLY, len(payload)) + payload
+
+
+class DataFrame(NamedTuple):
+    """The fixed fields of a large data frame whose bytes follow, to be streamed.
+
+    The decoder yields this instead of the whole message when the data is at least its
+    ``stream_min`` or over its limit; then ``length`` data bytes are owed to the caller,
+    taken with :meth:`Decoder.read_payload`, :meth:`Decoder.payload_received` or
+    :meth:`Decoder.skip_payload`.
+    """
+
+    msg_type: int
+    lease_id: int
+    offset: int  # 0 for SetData, Replace and Data
+    length: int
+
+
 REQUEST_TYPES = {
     Lease: LEASE,
+    Replace: REPLACE,
+    PoolMap: POOL_MAP,
     SetData: SET_DATA,
     AccessData: ACCESS_DATA,
     Release: RELEASE,
@@ -241,9 +333,11 @@ def request_name(request: object) -> str:
     return TYPE_NAMES[REQUEST_TYPES[type(request)]]
 
 
-Request = Union[Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth]
-Reply = Union[Leased, Data, DataSet, StatsReply, Error]
-Message = Union[Request, Reply]
+Request = Union[
+    Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth, Replace, PoolMap
+]
+Reply = Union[Leased, Data, DataSet, StatsReply, Error, PoolMapReply]
+Message = Union[Request, Reply, DataFrame]
 
 
 class ProtocolError(Exception):
@@ -327,6 +421,23 @@ def _parse_stats(text: bytes) -> StatsReply:
         raise BadMessage(MALFORMED, STATS_REPLY, "bad stats text: %s" % exc) from None
 
 
+def _parse_pool_map(buf: bytearray, start: int, length: int) -> PoolMapReply:
+    end = start + length
+    if length < _MAP_HEAD.size:
+        raise BadMessage(MALFORMED, POOL_MAP_REPLY, "map reply too short: %d bytes" % length)
+    pool_bytes, free_bytes, largest, fragmentation, cells, classes = _MAP_HEAD.unpack_from(
+        buf, start
+    )
+    expected = _MAP_HEAD.size + cells * _Q.size + classes * _QQ.size
+    if cells < 0 or classes < 0 or length != expected:
+        raise BadMessage(MALFORMED, POOL_MAP_REPLY, "inconsistent map reply: %d bytes" % length)
+    at = start + _MAP_HEAD.size
+    used = struct.unpack_from("<%dq" % cells, buf, at)
+    at += cells * _Q.size
+    free_blocks = tuple(_QQ.unpack_from(buf, offset) for offset in range(at, end, _QQ.size))
+    return PoolMapReply(pool_bytes, free_bytes, largest, fragmentation, used, free_blocks)
+
+
 REQUEST_PARSERS: Dict[int, Parser] = {
     LEASE: _fixed(_II, Lease),
     SET_DATA: _with_data(_IQ, SetData),
@@ -337,6 +448,8 @@ REQUEST_PARSERS: Dict[int, Parser] = {
     READ: _fixed(_IQQ, Read),
     STATS: _empty(Stats),
     AUTH: _whole(Auth),
+    REPLACE: _with_data(_IQ, Replace),
+    POOL_MAP: _fixed(_I, PoolMap),
 }
 
 REPLY_PARSERS: Dict[int, Parser] = {
@@ -345,12 +458,21 @@ REPLY_PARSERS: Dict[int, Parser] = {
     DATA_SET: _fixed(_I, DataSet),
     STATS_REPLY: _whole(_parse_stats),
     ERROR: _fixed(_II, Error),
+    POOL_MAP_REPLY: _parse_pool_map,
 }
 
 # The largest reply a client may meet: a whole lease of the largest size.
 MAX_REPLY_PAYLOAD = _IQ.size + INT32_MAX
 # Bytes a data-carrying request adds to its data.
 WRITE_OVERHEAD = _IQQ.size
+# Data frames at least this large are streamed: their bytes bypass the decoder's buffer.
+STREAM_MIN = 64 * 1024
+# The largest frame a server buffers whole: any request that is not streamed.
+MAX_BUFFERED_REQUEST = STREAM_MIN + WRITE_OVERHEAD
+
+# The fixed fields (their last one counts the data bytes) of frames that may be streamed.
+_STREAMED_REQUESTS = {SET_DATA: _IQ, WRITE: _IQQ, REPLACE: _IQ}
+_STREAMED_REPLIES = {ACCESS_DATA: _IQ}
 
 
 class Decoder:
@@ -358,32 +480,77 @@ class Decoder:
 
     A frame's length is checked against ``max_payload`` as soon as its header is
     complete, before the payload is waited for, so a hostile length costs nothing.
+    A data frame whose data reaches ``stream_min``, or exceeds ``max_payload`` while
+    still fitting a lease, comes out as a :class:`DataFrame` as soon as its fixed fields
+    have arrived; its data is then the caller's to take, so it is never buffered here.
     """
 
-    def __init__(self, parsers: Dict[int, Parser], max_payload: int) -> None:
+    def __init__(
+        self,
+        parsers: Dict[int, Parser],
+        max_payload: int,
+        streamed: Optional[Dict[int, struct.Struct]] = None,
+        stream_min: int = STREAM_MIN,
+    ) -> None:
         self._parsers = parsers
         self._max_payload = max_payload
+        self._streamed = streamed or {}
+        self._stream_min = stream_min
         self._buf = bytearray()
         self._start = 0
         self._broken: Optional[BadFrame] = None
+        self.payload_left = 0  # data bytes of the last DataFrame not yet taken
+        self._discard_left = 0  # data bytes to drop as they arrive
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
+        if self._discard_left and self._start == len(self._buf):
+            dropped = min(self._discard_left, len(data))
+            self._discard_left -= dropped
+            data = data[dropped:]
         self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self._buf) - self._start
 
     @property
     def in_frame(self) -> bool:
         """Whether part of a frame is waiting for the rest."""
-        return len(self._buf) > self._start
+        return bool(self.buffered or self.payload_left or self._discard_left)
+
+    def read_payload(self, into: memoryview) -> int:
+        """Move buffered data bytes of the current DataFrame into ``into``; returns how many."""
+        n = min(len(into), self.payload_left, self.buffered)
+        into[:n] = memoryview(self._buf)[self._start : self._start + n]
+        self._start += n
+        self.payload_left -= n
+        return n
+
+    def payload_received(self, n: int) -> None:
+        """Count ``n`` data bytes that the caller received itself, past the buffer."""
+        if self.buffered or n > self.payload_left:
+            raise ValueError("%d data bytes received out of turn" % n)
+        self.payload_left -= n
+
+    def skip_payload(self) -> None:
+        """Drop the rest of the current DataFrame's data, buffered or still to come."""
+        self._discard_left += self.payload_left
+        self.payload_left = 0
+        self._drop_discarded()
 
     def next_message(self) -> Optional[Message]:
-        """The next whole message, or None until more bytes are fed.
+        """The next whole message (or DataFrame), or None until more bytes are fed.
 
         Raises BadMessage for a frame that was consumed but is not valid (decoding
-        may go on), and BadFrame when the stream is beyond repair.
+        may go on), and BadFrame when the stream is beyond repair.  While a
+        DataFrame's data is owed to the caller, there is no next message.
         """
         if self._broken is not None:
             raise self._broken
+        if self.payload_left or (self._discard_left and not self._drop_discarded()):
+            return None
         buf = self._buf
         start = self._start
         available = len(buf) - start
@@ -391,6 +558,13 @@ class Decoder:
             self._compact()
             return None
         msg_type, length = HEADER.unpack_from(buf, start)
+        fixed = self._streamed.get(msg_type)
+        if (
+            fixed is not None
+            and length >= fixed.size
+            and (length - fixed.size >= self._stream_min or length > self._max_payload)
+        ):
+            return self._data_frame(msg_type, length, fixed)
         if length < 0 or length > self._max_payload:
             self._broken = BadFrame(
                 FRAME_TOO_LARGE,
@@ -407,22 +581,53 @@ class Decoder:
             raise BadMessage(UNKNOWN_TYPE, msg_type, "unknown message type %d" % msg_type)
         return parser(buf, start + HEADER_SIZE, length)
 
+    def _data_frame(self, msg_type: int, length: int, fixed: struct.Struct) -> Optional[DataFrame]:
+        data_length = length - fixed.size
+        if data_length > INT32_MAX:
+            self._broken = BadFrame(
+                FRAME_TOO_LARGE, msg_type, "data length %d is over any lease" % data_length
+            )
+            raise self._broken
+        if self.buffered < HEADER_SIZE + fixed.size:
+            self._compact()
+            return None
+        *fields, count = fixed.unpack_from(self._buf, self._start + HEADER_SIZE)
+        self._start += HEADER_SIZE + fixed.size
+        if count != data_length:
+            self._discard_left = data_length
+            self._drop_discarded()
+            raise BadMessage(
+                MALFORMED,
+                msg_type,
+                "data length %d disagrees with the frame's %d" % (count, data_length),
+            )
+        self.payload_left = data_length
+        offset = fields[1] if len(fields) > 1 else 0
+        return DataFrame(msg_type, fields[0], offset, data_length)
+
+    def _drop_discarded(self) -> bool:
+        """Drop buffered bytes owed to the discard; True once nothing more is owed."""
+        dropped = min(self._discard_left, self.buffered)
+        self._start += dropped
+        self._discard_left -= dropped
+        self._compact()
+        return not self._discard_left
+
     def _compact(self) -> None:
         if self._start:
             del self._buf[: self._start]
             self._start = 0
 
 
-def request_decoder(max_payload: int) -> Decoder:
-    """A decoder for the server's side of a connection."""
-    return Decoder(REQUEST_PARSERS, max_payload)
+def request_decoder(max_payload: int = MAX_BUFFERED_REQUEST) -> Decoder:
+    """A decoder for the server's side: large writes come out as DataFrames."""
+    return Decoder(REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS)
 
 
-def reply_decoder(max_payload: int = MAX_REPLY_PAYLOAD) -> Decoder:
-    """A decoder for the client's side of a connection."""
-    return Decoder(REPLY_PARSERS, max_payload)
-
-
-def frame_limit(pool_bytes: int) -> int:
-    """The default largest payload: a write that fills the largest possible lease."""
-    return min(pool_bytes, INT32_MAX) + WRITE_OVERHEAD
+def reply_decoder(
+    max_payload: int = MAX_REPLY_PAYLOAD, stream_min: Optional[int] = None
+) -> Decoder:
+    """A decoder for the client's side; with ``stream_min``, large Data replies stream."""
+    if stream_min is None:
+        return Decoder(REPLY_PARSERS, max_payload)
+    return Decoder(REPLY_PARSERS, max_payload, _STREAMED_REPLIES, stream_min)

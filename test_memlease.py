@@ -431,50 +431,18 @@ def test_the_seed_session_through_the_cli():
         assert out.stdout == b"Data get for lease %s: this is some text\n" % lease_id.encode()
         log = server.output()
         for command, result in (
-            ("lease -", "id " + lease_id),
-            ("set " + lease_id, "ok"),
+            ("lease 1024 bytes for 5000 ms", "id " + lease_id),
+            (r"set %s \(18 bytes\)" % lease_id, "ok"),
             ("get " + lease_id, "1024 bytes"),
         ):
             assert re.search(r"INFO 127\.0\.0\.1:\d+ %s -> %s\n" % (command, result), log), log
 
 
 def test_log_lines_name_the_peer():
-    from memlease_server import Peer
+    from lease_server import Peer
 
     assert str(Peer(("127.0.0.1", 4120))) == "127.0.0.1:4120"
     assert str(Peer(("::1", 4120, 0, 0))) == "[::1]:4120"
-
-
-def test_connection_configuration_is_set_or_inherited():
-    from memlease_server import configure_connection, inherits_configuration
-
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(TIMEOUT)
-        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
-            accepted, _ = listener.accept()
-            with accepted:
-                assert not inherits_configuration(accepted)
-                configure_connection(accepted, 7.0)
-                assert inherits_configuration(accepted)  # what a listener would pass on
-                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        if sys.platform.startswith("linux"):
-            configure_connection(listener, 7.0)
-            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
-                accepted, _ = listener.accept()
-                with accepted:
-                    assert inherits_configuration(accepted)
-
-
-def test_kernel_timeouts_end_a_blocking_recv():
-    from memlease_server import TIMED_OUT, set_timeout
-
-    left, right = socket.socketpair()
-    with left, right:
-        set_timeout(left, 0.05)
-        with pytest.raises(TIMED_OUT):
-            left.recv(10)
-        right.sendall(b"x")
-        assert left.recv(10) == b"x"
 
 
 def test_cli_sends_the_text_with_its_nul_like_the_original():
@@ -498,14 +466,14 @@ def test_cli_refusals_and_not_found_exit_1():
         assert out.returncode == 0
         out = run_cli("lease", "32", port=server.port)
         assert out.returncode == 1
-        assert (
-            out.stdout == b"Failed to create lease due to insufficient resources on the server.\n"
+        assert out.stdout.startswith(
+            b"Failed to create lease due to insufficient resources on the server.\nreason: "
         )
         out = run_cli("get", "123", port=server.port)
-        assert (out.returncode, out.stdout) == (1, b"Data not found for 123.\n")
+        assert out.returncode == 1 and out.stdout.startswith(b"Data not found for 123.\nreason: ")
         out = run_cli("set", "123", "text", port=server.port)
         assert out.returncode == 1
-        assert out.stdout.startswith(b"Error: unable set for lease 123 (-1): no such lease")
+        assert out.stdout.startswith(b"Error: unable set for lease 123 (-1)\nreason: lease 123 ")
 
 
 def test_cli_too_long_set_reports_the_status():
@@ -513,7 +481,7 @@ def test_cli_too_long_set_reports_the_status():
         lease_id = client.lease(8)
         out = run_cli("set", str(lease_id), "much more than eight bytes", port=server.port)
         assert out.returncode == 1
-        assert out.stdout.startswith(b"Error: unable set for lease %d (-2): " % lease_id)
+        assert out.stdout.startswith(b"Error: unable set for lease %d (-2)\nreason: " % lease_id)
 
 
 @pytest.mark.parametrize(
@@ -541,7 +509,7 @@ def test_cli_usage_errors_exit_2(args):
 def test_cli_cannot_connect_exits_1():
     out = run_cli("get", "5", port=free_port())
     assert out.returncode == 1
-    assert out.stderr.startswith(b"memlease_client: cannot connect")
+    assert out.stderr.startswith(b"memlease_client.py: cannot connect")
 
 
 def test_cli_help_documents_commands_with_examples():
@@ -977,7 +945,8 @@ def assert_still_serving(server) -> None:
     assert stats["free_bytes"] == stats["pool_bytes"]
 
 
-@pytest.mark.parametrize("length", [-1, -(2**63), 2**60, (1 << 20) + 29])
+# Negative, or more data than any lease can hold (2**31 bytes after SetData's 12).
+@pytest.mark.parametrize("length", [-1, -(2**63), 2**60, 12 + 2**31])
 def test_a_bad_length_gets_an_error_and_the_connection_closes(length):
     with server_process("1M") as server:
         with connect(server) as sock:
@@ -987,13 +956,18 @@ def test_a_bad_length_gets_an_error_and_the_connection_closes(length):
             ]
             assert closed_by_peer(sock)
         assert_still_serving(server)
-        assert "frame length" in server.output()
+        assert "bad frame" in server.output()
 
 
-def test_max_frame_option_lowers_the_limit():
-    with server_process("1M", "--max-frame", "64") as server, connect(server) as sock:
-        replies = exchange(sock, protocol.SetData(1, bytes(100)).encode())
-        assert replies == [protocol.Error(protocol.FRAME_TOO_LARGE, protocol.SET_DATA)]
+def test_max_frame_option_refuses_larger_values_and_the_connection_goes_on():
+    with server_process("1M", "--max-frame", "64") as server, client_for(server) as client:
+        lease_id = client.lease(1 << 19)
+        with connect(server) as sock:
+            for size in (100, 300_000):  # buffered whole, and streamed past the server
+                replies = exchange(sock, protocol.SetData(lease_id, bytes(size)).encode())
+                assert replies == [protocol.DataSet(protocol.TOO_LARGE)]
+            replies = exchange(sock, protocol.SetData(lease_id, b"fits").encode())
+            assert replies == [protocol.DataSet(protocol.OK)]
 
 
 def test_a_length_larger_than_what_arrives_times_out():
@@ -1248,7 +1222,7 @@ def test_token_from_env_and_file_through_the_command_lines(tmp_path):
     token_file.write_text(TOKEN + "\n")
     with server_process("1M", "--token-file", str(token_file)) as server:
         out = run_cli("lease", "32", port=server.port)
-        assert out.returncode == 1 and b"unauthorized" in out.stderr
+        assert out.returncode == 1 and b"wants a token" in out.stderr
         out = run_cli("lease", "32", port=server.port, env=token_env())
         assert out.returncode == 0 and out.stdout.startswith(b"You have leased 32 bytes")
         bad = dict(os.environ, MEMLEASE_TOKEN="guess")

@@ -1,0 +1,507 @@
+"""One client connection as a state machine: bytes in, replies out, no socket in sight.
+
+The server's event loop moves bytes between a socket and a :class:`Connection`; all
+the protocol logic is here, so it can be driven and tested without a socket:
+
+- ``receive(data)`` takes bytes; every whole request is answered into the output.
+- A large write streams: ``receive_buffer()`` names where the next bytes of its data go
+  (so the socket can ``recv_into`` it) and ``received_into(n)`` counts them.
+- ``outgoing()`` lists what is to be sent and ``sent(n)`` drops what went out.  A large
+  read is sent straight from the pool (its block is pinned until then), not copied.
+- Past ``HIGH_WATER`` unsent bytes no more requests are answered and ``wants_input``
+  turns false, so a client that does not read its replies cannot grow our memory.
+"""
+
+import collections
+import hmac
+import logging
+import mmap
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+
+from lease_store import LeaseStore
+
+import protocol
+
+log = logging.getLogger("memlease")
+
+HIGH_WATER = 256 * 1024  # unsent bytes past which requests wait in the decoder
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Service:
+    """What all connections share: the store, the limits, the tokens and the counters."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        max_data: int = protocol.INT32_MAX,
+        token: Optional[bytes] = None,
+    ) -> None:
+        self.store = store
+        self.max_data = max_data  # larger writes are read, dropped and answered TOO_LARGE
+        self.token = token
+        self.log_requests = log.isEnabledFor(logging.INFO)
+        # (command, status) -> count, for the metrics.
+        self.requests: Dict[Tuple[str, int], int] = collections.defaultdict(int)
+        self.counters = dict.fromkeys(
+            (
+                "total_connections",
+                "connections_refused",
+                "bytes_received",
+                "bytes_sent",
+                "auth_failures",
+            ),
+            0,
+        )
+        self.connections: Callable[[], int] = lambda: 0  # the server tells how many are open
+        self.expiry_lag = 0.0  # seconds the last expiry pass ran after its time
+        self._started = time.monotonic()
+
+    def stats(self, tenant: Optional[int]) -> Dict[str, int]:
+        """The counters a Stats request gets: the store's (the tenant's own use) and ours."""
+        stats = self.store.stats(tenant)
+        stats["connections"] = self.connections()
+        stats.update(self.counters)
+        stats["uptime"] = int(time.monotonic() - self._started)
+        return stats
+
+    def authenticate(self, token: Optional[bytes]) -> Optional[int]:
+        """The tenant a connection presenting ``token`` acts as, or None when refused.
+
+        With no token configured every connection is tenant 0 without presenting one.
+        """
+        if self.token is None:
+            return 0
+        if token is not None and hmac.compare_digest(token, self.token):
+            return 0
+        return None
+
+    def quota(self, tenant: int) -> int:
+        """The most block bytes ``tenant`` may hold at once; 0 means no limit."""
+        return 0
+
+
+class _Upload:
+    """A large write being received into a staging mapping, applied all at once.
+
+    An anonymous mapping costs memory only as its pages are written, and is unmapped
+    as soon as the last view of it is gone.
+    """
+
+    __slots__ = ("frame", "view", "received")
+
+    def __init__(self, frame: protocol.DataFrame) -> None:
+        self.frame = frame
+        self.view = memoryview(mmap.mmap(-1, frame.length))
+        self.received = 0
+
+
+class Connection:
+    """The protocol side of one connection; see the module's docstring."""
+
+    def __init__(self, service: Service, peer: object) -> None:
+        self.service = service
+        self.store = service.store
+        self.peer = peer
+        self.tenant = service.authenticate(None)
+        self.closing = False  # nothing more is read or answered; close once flushed
+        self.output_size = 0
+        self.answered = 0  # requests answered so far
+        self._decoder = protocol.request_decoder()
+        self._out: Deque[Tuple[Buffer, Optional[object]]] = collections.deque()
+        self._small = bytearray()  # small replies, joined until they are sent
+        self._upload: Optional[_Upload] = None
+
+    # Input.
+
+    @property
+    def wants_input(self) -> bool:
+        return not self.closing and self.output_size < HIGH_WATER
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether a request has begun to arrive and is not whole yet."""
+        return self._decoder.in_frame
+
+    def receive(self, data: bytes) -> None:
+        """Bytes from the peer; answers every whole request they complete."""
+        self._decoder.feed(data)
+        self._process()
+
+    def receive_buffer(self) -> Optional[memoryview]:
+        """Where the next bytes of a large write go, or None: then use ``receive``."""
+        upload = self._upload
+        if upload is None or self._decoder.buffered:
+            return None
+        start = upload.received
+        return upload.view[start : start + self._decoder.payload_left]
+
+    def received_into(self, n: int) -> None:
+        """Count ``n`` bytes received into ``receive_buffer()``."""
+        assert self._upload is not None
+        self._decoder.payload_received(n)
+        self._upload.received += n
+        self._process()
+
+    def end_of_input(self) -> None:
+        """The peer will send nothing more: answer what is whole, then close."""
+        self.stop()
+
+    def stop(self) -> None:
+        """Answer every request already whole (past the high water too), take no more."""
+        if self.closing:
+            return
+        self._process(drain=True)
+        self.closing = True
+        self._drop_upload()
+
+    # Output.
+
+    def outgoing(self) -> List[Buffer]:
+        """The buffers to send next, in order (a prefix of the output)."""
+        if self._small:
+            if not self._out:
+                return [self._small]
+            self._out.append((self._small, None))
+            self._small = bytearray()
+        return [entry[0] for entry in _first(self._out, 64)]
+
+    def sent(self, n: int) -> None:
+        """Drop the first ``n`` bytes of the output; they reached the socket."""
+        self.output_size -= n
+        out = self._out
+        if not out:
+            del self._small[:n]
+        while n and out:
+            buffer, pin = out[0]
+            if n < len(buffer):
+                out[0] = (memoryview(buffer)[n:], pin)
+                break
+            n -= len(buffer)
+            out.popleft()
+            if pin is not None:
+                self.store.unpin(pin)
+        if self.output_size < HIGH_WATER and not self.closing:
+            self._process()
+
+    def close(self) -> None:
+        """Let go of everything held for this connection: pinned blocks, a partial write."""
+        self.closing = True
+        self._drop_upload()
+        for _, pin in self._out:
+            if pin is not None:
+                self.store.unpin(pin)
+        self._out.clear()
+        self._small = bytearray()
+        self.output_size = 0
+
+    # Requests.
+
+    def _process(self, drain: bool = False) -> None:
+        decoder = self._decoder
+        while not self.closing and (drain or self.output_size < HIGH_WATER):
+            if self._upload is not None and not self._continue_upload():
+                return
+            try:
+                message = decoder.next_message()
+            except protocol.BadFrame as exc:
+                log.warning("%s bad frame, closing: %s", self.peer, exc)
+                self._reply(protocol.Error(exc.status, exc.msg_type).encode())
+                self.closing = True
+                return
+            except protocol.BadMessage as exc:
+                log.warning("%s bad message: %s", self.peer, exc)
+                self._reply(protocol.Error(exc.status, exc.msg_type).encode())
+                continue
+            if message is None:
+                return
+            if type(message) is protocol.DataFrame:
+                self._begin_upload(message)  # type: ignore[arg-type]
+            else:
+                self._answer(message)
+
+    def _answer(self, message: protocol.Message) -> None:
+        kind = type(message)
+        if self.tenant is None and kind is not protocol.Auth:
+            msg_type = protocol.REQUEST_TYPES[kind]  # type: ignore[index]
+            self._finish(message, protocol.Error(protocol.UNAUTHORIZED, msg_type))
+            return
+        _ANSWERS[kind](self, message)
+
+    def _finish(self, request: object, reply: protocol.Reply, encoded: bool = False) -> None:
+        """Queue ``reply`` (unless already queued), count it, and log the request."""
+        if not encoded:
+            self._reply(reply.encode())
+        status = _status(request, reply)
+        self.answered += 1
+        self.service.requests[_command(request), status] += 1
+        if self.service.log_requests:
+            log.info(
+                "%s %s -> %s", self.peer, _describe_request(request), _describe(reply, status)
+            )
+
+    def _reply(self, data: bytes) -> None:
+        self._small += data
+        self.output_size += len(data)
+
+    def _reply_view(self, view: memoryview, pin: object) -> None:
+        """Queue ``view`` of the pool as it is; ``pin`` is let go once it is sent."""
+        if self._small:
+            self._out.append((self._small, None))
+            self._small = bytearray()
+        self._out.append((view, pin))
+        self.output_size += len(view)
+
+    def _lease(self, message: protocol.Lease) -> None:
+        tenant = self.tenant or 0
+        lease_id = self.store.lease(
+            message.size, message.duration_ms, tenant, self.service.quota(tenant)
+        )
+        self._finish(message, protocol.Leased(lease_id))
+
+    def _set(self, message: protocol.SetData) -> None:
+        self._write_now(message, message.lease_id, 0, message.data, zero_rest=False)
+
+    def _replace(self, message: protocol.Replace) -> None:
+        self._write_now(message, message.lease_id, 0, message.data, zero_rest=True)
+
+    def _write(self, message: protocol.Write) -> None:
+        self._write_now(message, message.lease_id, message.offset, message.data, zero_rest=False)
+
+    def _write_now(
+        self, request: object, lease_id: int, offset: int, data: Buffer, zero_rest: bool
+    ) -> None:
+        if len(data) > self.service.max_data:
+            status = protocol.TOO_LARGE
+        else:
+            status = self._store_write(lease_id, offset, data, zero_rest)
+        self._finish(request, protocol.DataSet(status))
+
+    def _store_write(self, lease_id: int, offset: int, data: Buffer, zero_rest: bool) -> int:
+        tenant = self.tenant or 0
+        status = self.store.write(lease_id, offset, data, tenant)
+        if status == protocol.OK and zero_rest:
+            status, tail = self.store.read(lease_id, len(data), -1, tenant)
+            self.store.counters["gets"] -= 1  # part of the write, not a read
+            if status == protocol.OK:
+                self.store.write(lease_id, len(data), bytes(len(tail)), tenant)
+                self.store.counters["sets"] -= 1
+        return status
+
+    def _access(self, message: protocol.AccessData) -> None:
+        status, view = self.store.read(message.lease_id, 0, -1, self.tenant or 0)
+        if status != protocol.OK:  # the original answers an unknown lease with no data
+            self._finish(message, protocol.Data(message.lease_id, b""))
+            return
+        self._send_data(message, message.lease_id, view)
+
+    def _read(self, message: protocol.Read) -> None:
+        status, view = self.store.read(
+            message.lease_id, message.offset, message.length, self.tenant or 0
+        )
+        if status != protocol.OK:
+            self._finish(message, protocol.DataSet(status))
+            return
+        self._send_data(message, message.lease_id, view)
+
+    def _send_data(self, request: object, lease_id: int, view: memoryview) -> None:
+        if len(view) < protocol.STREAM_MIN:
+            reply = protocol.Data(lease_id, view.tobytes())
+            self._finish(request, reply)
+            return
+        self._reply(protocol.data_head(lease_id, len(view)))
+        self._reply_view(view, self.store.pin(lease_id))
+        self._finish(request, _StreamedData(lease_id, len(view)), encoded=True)
+
+    def _renew(self, message: protocol.Renew) -> None:
+        status = self.store.renew(message.lease_id, message.duration_ms, self.tenant or 0)
+        self._finish(message, protocol.DataSet(status))
+
+    def _release(self, message: protocol.Release) -> None:
+        status = self.store.release(message.lease_id, self.tenant or 0)
+        self._finish(message, protocol.DataSet(status))
+
+    def _stats(self, message: protocol.Stats) -> None:
+        self._finish(message, protocol.StatsReply(self.service.stats(self.tenant)))
+
+    def _pool_map(self, message: protocol.PoolMap) -> None:
+        cells = min(max(message.cells, 1), 65536)
+        stats = self.store.stats()
+        reply = protocol.PoolMapReply(
+            stats["pool_bytes"],
+            stats["free_bytes"],
+            stats["largest_free_block"],
+            stats["fragmentation"],
+            tuple(self.store.usage_by_cell(cells)),
+            tuple(sorted(self.store.free_blocks().items())),
+        )
+        self._finish(message, reply)
+
+    def _auth(self, message: protocol.Auth) -> None:
+        tenant = self.service.authenticate(message.token)
+        if tenant is None:
+            self.service.counters["auth_failures"] += 1
+            log.warning("%s presented a wrong token; closing", self.peer)
+            self._finish(message, protocol.DataSet(protocol.UNAUTHORIZED))
+            self.tenant = None
+            self.closing = True
+            return
+        self.tenant = tenant
+        self._finish(message, protocol.DataSet(protocol.OK))
+
+    # Large writes.
+
+    def _begin_upload(self, frame: protocol.DataFrame) -> None:
+        request = _UploadRequest(frame)
+        if self.tenant is None:
+            status = protocol.UNAUTHORIZED
+        elif frame.length > self.service.max_data:
+            status = protocol.TOO_LARGE
+        else:
+            status = self.store.check_write(
+                frame.lease_id, frame.offset, frame.length, self.tenant
+            )
+        if status != protocol.OK:
+            self._decoder.skip_payload()
+            if status == protocol.UNAUTHORIZED:
+                self._finish(request, protocol.Error(status, frame.msg_type))
+            else:
+                self._finish(request, protocol.DataSet(status))
+            return
+        self._upload = _Upload(frame)
+
+    def _continue_upload(self) -> bool:
+        """Take buffered bytes of the write; True once it is whole and answered."""
+        upload = self._upload
+        assert upload is not None
+        upload.received += self._decoder.read_payload(upload.view[upload.received :])
+        if self._decoder.payload_left:
+            return False
+        frame = upload.frame
+        status = self._store_write(
+            frame.lease_id, frame.offset, upload.view, frame.msg_type == protocol.REPLACE
+        )
+        self._drop_upload()
+        self._finish(_UploadRequest(frame), protocol.DataSet(status))
+        return True
+
+    def _drop_upload(self) -> None:
+        self._upload = None
+
+
+def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[Buffer, Any]]:
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+class _UploadRequest:
+    """A streamed write, as the log and the counters name it."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: protocol.DataFrame) -> None:
+        self.frame = frame
+
+
+class _StreamedData:
+    """A Data reply whose bytes were queued from the pool, as the log describes it."""
+
+    __slots__ = ("lease_id", "length")
+
+    def __init__(self, lease_id: int, length: int) -> None:
+        self.lease_id = lease_id
+        self.length = length
+
+
+_UPLOAD_NAMES = {
+    protocol.SET_DATA: "set",
+    protocol.WRITE: "write",
+    protocol.REPLACE: "replace",
+}
+
+
+def _command(request: object) -> str:
+    if isinstance(request, _UploadRequest):
+        return _UPLOAD_NAMES[request.frame.msg_type]
+    return protocol.request_name(request)
+
+
+def _status(request: object, reply: object) -> int:
+    """The status a reply stands for; the original's get says "not found" with no data."""
+    if isinstance(reply, protocol.Leased):
+        return min(reply.lease_id, 0)
+    if isinstance(reply, (protocol.DataSet, protocol.Error)):
+        return reply.status
+    if isinstance(request, protocol.AccessData) and isinstance(reply, protocol.Data):
+        return protocol.OK if reply.data else protocol.NOT_FOUND
+    return protocol.OK
+
+
+def _describe_request(request: Any) -> str:
+    """A request in words for the log: its command and what it asks."""
+    if isinstance(request, _UploadRequest):
+        frame = request.frame
+        return "%s %d (%d bytes at %d)" % (
+            _UPLOAD_NAMES[frame.msg_type],
+            frame.lease_id,
+            frame.length,
+            frame.offset,
+        )
+    if isinstance(request, protocol.Lease):
+        return "lease %d bytes for %d ms" % (request.size, request.duration_ms)
+    name = _command(request)
+    if isinstance(request, (protocol.SetData, protocol.Replace)):
+        return "%s %d (%d bytes)" % (name, request.lease_id, len(request.data))
+    if isinstance(request, protocol.Write):
+        return "%s %d (%d bytes at %d)" % (
+            name,
+            request.lease_id,
+            len(request.data),
+            request.offset,
+        )
+    if isinstance(request, protocol.Read):
+        return "%s %d (%d bytes at %d)" % (name, request.lease_id, request.length, request.offset)
+    if isinstance(request, protocol.Renew):
+        return "%s %d for %d ms" % (name, request.lease_id, request.duration_ms)
+    lease_id = getattr(request, "lease_id", None)
+    return name if lease_id is None else "%s %d" % (name, lease_id)
+
+
+def _describe(reply: object, status: int) -> str:
+    """The result of a request, in words for the log."""
+    if isinstance(reply, protocol.Leased):
+        if reply.lease_id > 0:
+            return "id %d" % reply.lease_id
+        if reply.lease_id == protocol.NO_MEMORY:
+            return "refused (%s)" % protocol.NO_MEMORY_TEXT
+        return "refused (%s)" % protocol.STATUS_TEXT.get(reply.lease_id, str(reply.lease_id))
+    if isinstance(reply, protocol.Data):
+        return "%d bytes" % len(reply.data) if status == protocol.OK else "not found"
+    if isinstance(reply, _StreamedData):
+        return "%d bytes, sent from the pool" % reply.length
+    if isinstance(reply, protocol.StatsReply):
+        return "%d counters" % len(reply.stats)
+    if isinstance(reply, protocol.PoolMapReply):
+        return "%d cells" % len(reply.used)
+    return protocol.STATUS_TEXT.get(status, str(status))
+
+
+_ANSWERS: Dict[type, Callable[[Connection, Any], None]] = {
+    protocol.Lease: Connection._lease,
+    protocol.SetData: Connection._set,
+    protocol.Replace: Connection._replace,
+    protocol.AccessData: Connection._access,
+    protocol.Release: Connection._release,
+    protocol.Renew: Connection._renew,
+    protocol.Write: Connection._write,
+    protocol.Read: Connection._read,
+    protocol.Stats: Connection._stats,
+    protocol.PoolMap: Connection._pool_map,
+    protocol.Auth: Connection._auth,
+}

@@ -1,0 +1,320 @@
+"""The event-loop server: one thread, bounded memory per connection, streaming, clean stops.
+
+Servers are real: a child process where the test needs signals or the process's
+memory, a loop in a thread where it looks inside.  Connection state machines are
+also driven directly, without a socket, as the server's loop drives them.
+"""
+
+import os
+import re
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import protocol
+from connection import HIGH_WATER, Connection, Service
+from lease_store import LeaseStore
+from test_memlease import (
+    TIMEOUT,
+    client_for,
+    closed_by_peer,
+    connect,
+    exchange,
+    read_replies,
+    server_process,
+    server_thread,
+    wait_for,
+)
+
+
+def rss_kib(pid: int) -> int:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/%d/status" % pid).read_text())
+    assert match
+    return int(match.group(1))
+
+
+def thread_count(pid: int) -> int:
+    match = re.search(r"Threads:\s+(\d+)", Path("/proc/%d/status" % pid).read_text())
+    assert match
+    return int(match.group(1))
+
+
+def decode_all(data: bytes) -> List[protocol.Message]:
+    decoder = protocol.reply_decoder()
+    decoder.feed(data)
+    messages = []
+    while True:
+        message = decoder.next_message()
+        if message is None:
+            return messages
+        messages.append(message)
+
+
+class Driven:
+    """A Connection driven by hand, as the loop would drive it, output collected."""
+
+    def __init__(self, store: LeaseStore, **service: object) -> None:
+        self.conn = Connection(Service(store, **service), "test")  # type: ignore[arg-type]
+
+    def send(self, data: bytes) -> List[protocol.Message]:
+        self.conn.receive(data)
+        return self.flush()
+
+    def flush(self) -> List[protocol.Message]:
+        out = bytearray()
+        while self.conn.output_size:
+            buffers = self.conn.outgoing()
+            n = sum(len(b) for b in buffers)
+            for b in buffers:
+                out += b
+            self.conn.sent(n)
+        return decode_all(bytes(out))
+
+
+def test_a_connection_answers_without_a_socket():
+    store = LeaseStore(1 << 20)
+    try:
+        driven = Driven(store)
+        (leased,) = driven.send(protocol.Lease(100, 5000).encode())
+        lease_id = leased.lease_id
+        frames = protocol.SetData(lease_id, b"abc").encode() + protocol.AccessData(lease_id).encode()
+        replies = []
+        for byte in frames:  # split anywhere: one byte at a time
+            replies += driven.send(bytes([byte]))
+        assert replies == [protocol.DataSet(0), protocol.Data(lease_id, b"abc" + bytes(97))]
+    finally:
+        store.close()
+
+
+def test_a_large_write_streams_into_a_buffer_and_applies_all_at_once():
+    store = LeaseStore(1 << 22)
+    try:
+        driven = Driven(store)
+        (leased,) = driven.send(protocol.Lease(1 << 20, 5000).encode())
+        lease_id = leased.lease_id
+        data = bytes(range(256)) * 4096
+        frame = protocol.SetData(lease_id, data).encode()
+        assert driven.send(frame[:100]) == []
+        conn = driven.conn
+        received = 100
+        while received < len(frame):
+            into = conn.receive_buffer()
+            assert into is not None  # the data goes straight into the staging buffer
+            n = min(len(into), 50_000)
+            into[:n] = frame[received : received + n]
+            if received + n < len(frame):  # nothing is written before the last byte
+                assert store.read(lease_id, 0, 4)[1].tobytes() == bytes(4)
+            conn.received_into(n)
+            received += n
+        assert driven.flush() == [protocol.DataSet(protocol.OK)]
+        assert store.read(lease_id)[1].tobytes() == data
+    finally:
+        store.close()
+
+
+def test_unread_replies_stop_the_connection_answering_more():
+    store = LeaseStore(1 << 20)
+    try:
+        driven = Driven(store)
+        (leased,) = driven.send(protocol.Lease(60_000, 5000).encode())
+        conn = driven.conn
+        conn.receive(protocol.AccessData(leased.lease_id).encode() * 100)
+        # Each reply is copied (under the streaming size): only a few fit under the mark.
+        assert HIGH_WATER <= conn.output_size < HIGH_WATER + 61_000
+        assert not conn.wants_input
+        assert len(driven.flush()) == 100  # draining lets the rest be answered
+    finally:
+        store.close()
+
+
+def test_the_server_is_one_thread_with_hundreds_of_connections():
+    with server_process("1M") as server, client_for(server) as client:
+        sockets = []
+        try:
+            for _ in range(300):
+                sock = connect(server)
+                sockets.append(sock)
+            for sock in sockets[::50]:
+                assert exchange(sock, protocol.Stats().encode())[0].stats["connections"] > 0
+            assert wait_for(lambda: client.stats()["connections"] == 301)
+            assert thread_count(server.proc.pid) == 1
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+def test_an_oversized_set_is_answered_too_large_and_the_connection_goes_on():
+    with server_process("4M", "--max-frame", "1M") as server, client_for(server) as client:
+        lease_id = client.lease(2 << 20)
+        with connect(server) as sock:
+            replies = exchange(sock, protocol.SetData(lease_id, bytes(1 << 21)).encode())
+            assert replies == [protocol.DataSet(protocol.TOO_LARGE)]
+            replies = exchange(sock, protocol.SetData(lease_id, b"next").encode())
+            assert replies == [protocol.DataSet(protocol.OK)]
+        # A set larger than the lease, past the streaming size, is refused the same way.
+        with connect(server) as sock:
+            small = client.lease(100_000)
+            replies = exchange(sock, protocol.SetData(small, bytes(200_000)).encode())
+            assert replies == [protocol.DataSet(protocol.TOO_LARGE)]
+            assert exchange(sock, protocol.Stats().encode())[0].stats["live_leases"] == 2
+
+
+def test_a_failed_upload_changes_no_byte():
+    with server_process("4M") as server, client_for(server) as client:
+        lease_id = client.lease(1 << 20)
+        client.set(lease_id, b"before")
+        with connect(server) as sock:
+            frame = protocol.SetData(lease_id, b"x" * (1 << 20)).encode()
+            sock.sendall(frame[: len(frame) // 2])
+        assert wait_for(lambda: client.stats()["connections"] == 1)
+        assert client.get(lease_id, 0, 8) == b"before\0\0"
+
+
+def test_a_slow_reader_cannot_grow_the_servers_memory():
+    with server_process("64M") as server, client_for(server) as client:
+        lease_id = client.lease(1 << 20)
+        client.set(lease_id, b"y" * (1 << 20))
+        small = client.lease(60_000)  # copied replies, not streamed ones
+        before = rss_kib(server.proc.pid)
+        with connect(server) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            requests = protocol.AccessData(lease_id).encode() * 400
+            requests += protocol.AccessData(small).encode() * 400
+            sock.settimeout(0.5)
+            try:
+                sock.sendall(requests)
+            except socket.timeout:
+                pass  # the server stopped reading: that is the point
+            time.sleep(0.5)
+            grown = rss_kib(server.proc.pid) - before
+            assert grown < 32 * 1024, grown  # 400 copies of 1 MiB would be 400 MiB
+            other = client.stats()  # another client is still answered
+            assert other["connections"] == 2
+
+
+def test_a_release_during_a_streamed_get_never_shows_the_next_holders_bytes():
+    size = 4 << 20
+    with server_thread(8 << 20) as server, client_for(server) as client:
+        old = client.lease(size, 60_000)
+        client.set(old, b"A" * size)
+        with connect(server) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(protocol.AccessData(old).encode())
+            head = b""
+            while len(head) < 24:
+                head += sock.recv(24 - len(head))
+            client.release(old)
+            new = client.lease(size, 60_000)  # the pinned block must not be handed out
+            client.set(new, b"B" * size)
+            data = bytearray()
+            while len(data) < size:
+                chunk = sock.recv(1 << 20)
+                assert chunk
+                data += chunk
+        assert head == protocol.data_head(old, size)
+        assert data == b"A" * size
+        client.release(new)
+        assert wait_for(lambda: server.stats()["free_bytes"] == server.stats()["pool_bytes"])
+
+
+def test_partial_sends_deliver_every_reply_in_order():
+    with server_thread(4 << 20) as server, client_for(server) as client:
+        leases = [client.lease(3000) for _ in range(50)]
+        for n, lease_id in enumerate(leases):
+            client.set(lease_id, bytes([n]) * 3000)
+        with connect(server) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            requests = b"".join(protocol.AccessData(i).encode() for i in leases * 4)
+            sock.sendall(requests)
+            replies = read_replies(sock, len(leases) * 4)
+        expected = [protocol.Data(i, bytes([n % 50]) * 3000) for n, i in enumerate(leases * 4)]
+        assert replies == expected
+
+
+def test_sigterm_under_pipelined_load_answers_everything_received_and_closes_cleanly():
+    with server_process("1M") as server:
+        lease_id = client_for(server).lease(64, 60_000)
+        batch = protocol.AccessData(lease_id).encode() * 2000
+        sockets = [connect(server) for _ in range(8)]
+        received = [0] * len(sockets)
+        failures: List[str] = []
+
+        def pump(n: int) -> None:
+            sock = sockets[n]
+            decoder = protocol.reply_decoder()
+            try:
+                sock.sendall(batch)
+                while True:
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        break  # a clean FIN
+                    decoder.feed(data)
+                    while decoder.next_message() is not None:
+                        received[n] += 1
+            except OSError as exc:
+                failures.append("%d: %r" % (n, exc))
+
+        threads = [threading.Thread(target=pump, args=(n,)) for n in range(len(sockets))]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT) == 0
+        for thread in threads:
+            thread.join(TIMEOUT)
+        for sock in sockets:
+            sock.close()
+        assert not failures  # no reset
+        # Every batch was sent whole before the stop could cut it: all of it is answered.
+        assert received == [2000] * len(sockets)
+
+
+def test_a_connection_that_stops_reading_then_closes_gets_no_reset_for_its_replies():
+    with server_thread() as server:
+        with connect(server) as sock:
+            sock.sendall(protocol.Stats().encode())
+            sock.shutdown(socket.SHUT_WR)  # the C++ client's way: one request, then done
+            assert read_replies(sock, 1)[0].stats["total_connections"] >= 1
+            assert closed_by_peer(sock)
+
+
+def test_expiry_runs_in_slices_between_requests():
+    with server_thread(1 << 20) as server, client_for(server) as client:
+        with client.pipeline() as pipe:
+            for _ in range(5000):
+                pipe.lease(32, 200)
+            pipe.execute()
+        turns = server.loop.turns
+        assert wait_for(lambda: client.stats()["live_leases"] == 0)
+        assert client.stats()["leases_expired"] == 5000
+        assert server.loop.turns - turns >= 3  # 5000 leases over slices of 2000
+
+
+def test_ten_thousand_connections_are_accepted_on_the_descriptor_limit():
+    max_connections = getattr(os, "sysconf", lambda _: 0)("SC_OPEN_MAX")
+    assert max_connections >= 1024
+    with server_thread(max_connections=None) as server:
+        assert server.max_connections >= 1024 - 32
+
+
+def test_a_lease_expires_on_time_without_other_traffic():
+    with server_thread() as server, client_for(server) as client:
+        lease_id = client.lease(32, 50)
+        assert wait_for(lambda: server.stats()["live_leases"] == 0, 2.0)
+        assert server.stats()["leases_expired"] == 1
+        assert lease_id > 0
+
+
+def test_bad_length_closes_only_that_connection():
+    with server_thread() as server, client_for(server) as client:
+        with connect(server) as sock:
+            sock.sendall(struct.pack("<iq", protocol.LEASE, -5))
+            assert read_replies(sock, 1) == [
+                protocol.Error(protocol.FRAME_TOO_LARGE, protocol.LEASE)
+            ]
+            assert closed_by_peer(sock)
+        assert client.stats()["connections"] == 1
