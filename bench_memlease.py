@@ -4,11 +4,16 @@
 Both servers run on ports from the OS and are driven by the same multi-process load
 generator with 100-byte values; each scenario alternates the two targets within every
 repetition and reports medians, so the ratio is measured under the same machine load.
-Also: the allocator's cost per operation by pool size, the server's RSS, and its
-descriptor count after 100,000 one-request connections (the original leaked one each).
+Also: 64 MiB values through the Python API against a raw loopback socket (and Redis),
+10,000 idle connections, clients that never read a 128 MiB reply, the allocator's cost
+per operation by pool size, the server's RSS, its descriptor count after 100,000
+one-request connections (the original leaked one each), and the store at scale.
 
-    python3 bench_memlease.py            # about 4 minutes
-    python3 bench_memlease.py --quick    # under a minute
+    python3 bench_memlease.py            # about 6 minutes
+    python3 bench_memlease.py --quick    # about 2 minutes
+    python3 bench_memlease.py --section large   # one section: servers, large, idle,
+                                                # slow-readers, allocator, memory,
+                                                # descriptors, store
 """
 
 import argparse
@@ -349,13 +354,252 @@ def bench_descriptors(connections: int) -> None:
     )
 
 
+# Large values: our API against a raw loopback socket and Redis, in the same run.
+
+LARGE = 64 << 20
+
+
+def _raw_peer(port_queue: "multiprocessing.Queue[int]", size: int) -> None:
+    """The far end of a raw socket: takes ``size`` bytes and acks, then sends them back."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port_queue.put(listener.getsockname()[1])
+        conn, _ = listener.accept()
+        with conn:
+            buffer = bytearray(size)
+            while True:
+                view, got = memoryview(buffer), 0
+                while got < size:
+                    n = conn.recv_into(view[got:])
+                    if not n:
+                        return
+                    got += n
+                conn.sendall(b"k")
+                if conn.recv(1) != b"g":
+                    return
+                conn.sendall(view)
+
+
+def _recv_into_all(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("closed")
+        got += n
+    return buffer
+
+
+def _time(action: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    action()
+    return time.perf_counter() - began
+
+
+def _raw_rates(reps: int) -> Tuple[float, float]:
+    ctx = multiprocessing.get_context("spawn")
+    ports: multiprocessing.Queue[int] = ctx.Queue()
+    peer = ctx.Process(target=_raw_peer, args=(ports, LARGE))
+    peer.start()
+    data = os.urandom(LARGE)
+    sends, receives = [], []
+    try:
+        with socket.create_connection(("127.0.0.1", ports.get(timeout=10)), timeout=30) as sock:
+            for _ in range(reps):
+                sends.append(_time(lambda: (sock.sendall(data), sock.recv(1))))
+                receives.append(_time(lambda: (sock.sendall(b"g"), _recv_into_all(sock, LARGE))))
+    finally:
+        peer.join(10)
+        if peer.is_alive():
+            peer.kill()
+    return LARGE / statistics.median(sends), LARGE / statistics.median(receives)
+
+
+def _ours_rates(reps: int) -> Tuple[float, float]:
+    data = os.urandom(LARGE)
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        proc, target = start_ours("256M", log)
+        try:
+            with MemLeaseClient("127.0.0.1", target.port, timeout=30) as client:
+                lease_id = client.lease(LARGE, 3_600_000)
+                sets = [_time(lambda: client.set(lease_id, data)) for _ in range(reps)]
+                gets = [_time(lambda: client.get(lease_id)) for _ in range(reps)]
+                assert client.get(lease_id) == data
+        finally:
+            stop(proc)
+    return LARGE / statistics.median(sets), LARGE / statistics.median(gets)
+
+
+def _redis_rates(reps: int) -> Optional[Tuple[float, float]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--protected-mode", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    data = os.urandom(LARGE)
+    set_head = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % LARGE
+    get_request = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    get_head = b"$%d\r\n" % LARGE
+    try:
+        for _ in range(200):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not start")
+        with sock:
+
+            def redis_set() -> None:
+                sock.sendall(set_head)
+                sock.sendall(data)
+                sock.sendall(b"\r\n")
+                assert _recv_exact(sock, 5) == b"+OK\r\n"
+
+            def redis_get() -> None:
+                sock.sendall(get_request)
+                assert _recv_exact(sock, len(get_head)) == get_head
+                _recv_into_all(sock, LARGE + 2)
+
+            sets = [_time(redis_set) for _ in range(reps)]
+            gets = [_time(redis_get) for _ in range(reps)]
+    finally:
+        stop(proc)
+    return LARGE / statistics.median(sets), LARGE / statistics.median(gets)
+
+
+def bench_large(reps: int) -> None:
+    raw = _raw_rates(reps)
+    ours = _ours_rates(reps)
+    redis = _redis_rates(reps)
+    print()
+    print("| 64 MiB value | raw loopback socket GB/s | memlease API GB/s | ours/raw |"
+          + (" Redis GB/s | Redis/raw |" if redis else ""))  # fmt: skip
+    print("|---|---|---|---|" + ("---|---|" if redis else ""))
+    for n, name in enumerate(("set", "get")):
+        row = "| %s | %.2f | %.2f | %.2f |" % (name, raw[n] / 1e9, ours[n] / 1e9, ours[n] / raw[n])
+        if redis:
+            row += " %.2f | %.2f |" % (redis[n] / 1e9, redis[n] / raw[n])
+        print(row)
+    if redis is None:
+        print("\nredis-server is not on PATH (Debian package 'redis-server'): column skipped.")
+
+
+# Many connections and slow readers.
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path("/proc/%d/status" % pid).read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+def _round_trip(port: int) -> float:
+    """Seconds for a new client to connect and get an answer."""
+    began = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(protocol.AccessData(1).encode())
+        _recv_exact(sock, len(protocol.Data(1, b"").encode()))
+    return time.perf_counter() - began
+
+
+def _raise_descriptor_limit(wanted: int) -> int:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        soft = min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def bench_idle(connections: int) -> None:
+    limit = _raise_descriptor_limit(connections + 256)
+    connections = min(connections, limit - 256)
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        proc, target = start_ours("1M", log)
+        sockets = []
+        try:
+            quiet = statistics.median(_round_trip(target.port) for _ in range(20))
+            before = _rss_kib(proc.pid)
+            for _ in range(connections):
+                sockets.append(socket.create_connection(("127.0.0.1", target.port), timeout=10))
+            with MemLeaseClient("127.0.0.1", target.port, timeout=30) as client:
+                for _ in range(200):
+                    if client.stats()["connections"] >= connections + 1:
+                        break
+                    time.sleep(0.05)
+                opened = client.stats()["connections"] - 1
+            per_connection = (_rss_kib(proc.pid) - before) * 1024 / max(opened, 1)
+            busy = statistics.median(_round_trip(target.port) for _ in range(20))
+        finally:
+            for sock in sockets:
+                sock.close()
+            stop(proc)
+    print()
+    print("| idle connections | open | new client round trip, ms (median of 20) | "
+          "server RSS per idle connection |")  # fmt: skip
+    print("|---|---|---|---|")
+    print("| none | 0 | %.2f | |" % (quiet * 1e3))
+    print(
+        "| %d | %d | %.2f | %.1f KiB |"
+        % (connections, opened, busy * 1e3, per_connection / 1024)
+    )
+
+
+def bench_slow_readers(readers: int = 4, size: int = 128 << 20) -> None:
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        proc, target = start_ours("1G", log)
+        sockets = []
+        try:
+            with MemLeaseClient("127.0.0.1", target.port, timeout=30) as client:
+                lease_id = client.lease(size, 3_600_000)
+                client.set(lease_id, os.urandom(size))
+                before = _rss_kib(proc.pid)
+                for _ in range(readers):
+                    sock = socket.create_connection(("127.0.0.1", target.port), timeout=10)
+                    sock.sendall(protocol.AccessData(lease_id).encode())
+                    sockets.append(sock)  # and never read
+                worst = 0.0
+                deadline = time.perf_counter() + 2.0
+                while time.perf_counter() < deadline:
+                    began = time.perf_counter()
+                    client.stats()
+                    worst = max(worst, time.perf_counter() - began)
+                grown = _rss_kib(proc.pid) - before
+        finally:
+            for sock in sockets:
+                sock.close()
+            stop(proc)
+    print()
+    print("| %d clients that never read a %d MiB get | server RSS growth | "
+          "another client's slowest round trip (2 s of requests) |" % (readers, size >> 20))
+    print("|---|---|---|")
+    print("| | %.1f MiB | %.2f ms |" % (grown / 1024, worst * 1e3))
+
+
+def bench_store_section(quick: bool) -> None:
+    import bench_store
+
+    print()
+    for line in bench_store.run(quick):
+        print(line)
+
+
+SECTIONS = (
+    "servers", "large", "idle", "slow-readers", "allocator", "memory", "descriptors", "store",
+)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer and shorter runs (under a minute)"
-    )
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs")
     parser.add_argument("--reps", type=int, help="repetitions per scenario (default 5, quick 3)")
     parser.add_argument("--seconds", type=float, help="seconds per run (default 2, quick 0.6)")
     parser.add_argument(
@@ -363,6 +607,7 @@ def main() -> int:
         metavar="SCENARIO",
         help="run only this server scenario, e.g. 'persistent' or 'one-shot:4'",
     )
+    parser.add_argument("--section", choices=SECTIONS, help="run only this section")
     args = parser.parse_args()
     plan = [
         (scenario, clients)
@@ -371,6 +616,7 @@ def main() -> int:
     ]
     if not plan:
         parser.error("--only takes one of: " + ", ".join("%s:%d" % step for step in PLAN))
+    sections = [args.section] if args.section else ["servers"] if args.only else list(SECTIONS)
     reps = args.reps or (3 if args.quick else 5)
     seconds = args.seconds or (0.6 if args.quick else 2.0)
     print(
@@ -378,25 +624,36 @@ def main() -> int:
         % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count() or 0, reps, seconds)
     )
     print()
-    with tempfile.NamedTemporaryFile(mode="w+") as log:
-        ours, ours_target = start_ours("64M", log)
-        memcached = start_memcached()
-        try:
-            targets = [ours_target]
-            if memcached is None:
-                print("memcached is not on PATH (Debian package 'memcached'): column skipped.\n")
-            else:
-                targets.append(memcached[1])
-            bench_servers(targets, reps, seconds, plan)
-        finally:
-            stop(ours)
-            if memcached is not None:
-                stop(memcached[0])
-    if args.only is None:
+    if "servers" in sections:
+        with tempfile.NamedTemporaryFile(mode="w+") as log:
+            ours, ours_target = start_ours("64M", log)
+            memcached = start_memcached()
+            try:
+                targets = [ours_target]
+                if memcached is None:
+                    print("memcached is not on PATH (Debian package 'memcached'): skipped.\n")
+                else:
+                    targets.append(memcached[1])
+                bench_servers(targets, reps, seconds, plan)
+            finally:
+                stop(ours)
+                if memcached is not None:
+                    stop(memcached[0])
+    on_linux = os.path.exists("/proc/self/status")
+    if "large" in sections:
+        bench_large(reps)
+    if "idle" in sections and on_linux:
+        bench_idle(2_000 if args.quick else 10_000)
+    if "slow-readers" in sections and on_linux:
+        bench_slow_readers()
+    if "allocator" in sections:
         bench_allocator(reps, 20_000 if args.quick else 100_000)
-        if os.path.exists("/proc/self/status"):
-            bench_memory()
-            bench_descriptors(10_000 if args.quick else 100_000)
+    if "memory" in sections and on_linux:
+        bench_memory()
+    if "descriptors" in sections and on_linux:
+        bench_descriptors(10_000 if args.quick else 100_000)
+    if "store" in sections and on_linux:
+        bench_store_section(args.quick)
     return 0
 
 

@@ -1,35 +1,110 @@
 """A buddy allocator over offsets: it hands out blocks of a pool, never touches the bytes.
 
-Blocks are nodes of a tree with parent and child links, as in the C++ original.
-Unlike the original, a free list per order (a dict keyed by offset) and a bit mask of
-the non-empty orders find a block without walking the tree, so alloc and free cost
-O(log pool size).  A pool that is not a power of two is split into power-of-two roots,
-largest first, so every block stays aligned to its size and its buddy sits at
-``offset ^ size``.
+Blocks are nodes of a tree with parent and child links, as in the C++ original.  A free
+list per order (a dict keyed by offset) and a bit mask of the non-empty orders find a
+block without walking the tree, so every operation costs O(log pool size).  A pool that
+is not a power of two is split into power-of-two roots, largest first, so every block
+stays aligned to its size and its buddy sits at ``offset ^ size``.
+
+A million small leases mean a million leaves and as many split nodes, so a node holds
+only its links: its offset and size follow from its path up to the ``RootSlot`` that
+holds its root.  A leaf's state is its class: a free leaf and a leased one share one
+layout, so granting a block switches its class instead of making an object.  Nodes the
+tree drops have their upward links cut, so reference counting frees them at once and
+the tree never leaves cycles for the garbage collector.
 """
 
-from typing import Dict, List, Optional
+import sys
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+
+class RootSlot:
+    """Holds one root of the tree, and knows where that root sits in the pool."""
+
+    __slots__ = ("child", "offset", "order")
+
+    def __init__(self, offset: int, order: int) -> None:
+        self.offset = offset
+        self.order = order
+        self.child: Block = FreeBlock(self)
 
 
 class Block:
-    """A node of the tree: a power-of-two run of the pool at ``offset``."""
+    """A node of the tree: a power-of-two run of the pool.  Leaves have no children."""
 
-    __slots__ = ("offset", "order", "parent", "left", "right", "allocated")
+    __slots__ = ("parent",)
 
-    def __init__(self, offset: int, order: int, parent: "Optional[Block]") -> None:
-        self.offset = offset
-        self.order = order
+    left: Optional["Block"] = None
+    right: Optional["Block"] = None
+    allocated = False
+
+    def __init__(self, parent: "Parent") -> None:
         self.parent = parent
-        self.left: Optional[Block] = None
-        self.right: Optional[Block] = None
-        self.allocated = False
+
+    def place(self) -> Tuple[int, int]:
+        """The block's offset and order, read from its path up to the root."""
+        path = depth = 0
+        node: Block = self
+        parent = self.parent
+        while isinstance(parent, SplitBlock):
+            if parent.right is node:
+                path |= 1 << depth
+            depth += 1
+            node = parent
+            parent = parent.parent
+        if parent is None:
+            raise ValueError("the block has left the tree")
+        order = parent.order - depth
+        return parent.offset + (path << order), order
+
+    @property
+    def offset(self) -> int:
+        return self.place()[0]
 
     @property
     def size(self) -> int:
-        return 1 << self.order
+        return 1 << self.place()[1]
 
     def __repr__(self) -> str:
-        return "Block(offset=%d, size=%d)" % (self.offset, self.size)
+        if self.parent is None:
+            return "%s(detached)" % type(self).__name__
+        offset, order = self.place()
+        return "%s(offset=%d, size=%d)" % (type(self).__name__, offset, 1 << order)
+
+
+class FreeBlock(Block):
+    """A leaf that is free: it sits on the free list of its order."""
+
+    __slots__ = ()
+
+
+class LeasedBlock(Block):
+    """A leaf that is handed out."""
+
+    __slots__ = ()
+    allocated = True
+
+
+class SplitBlock(Block):
+    """A node split into two halves, its children."""
+
+    __slots__ = ("left", "right")
+
+    left: Block
+    right: Block
+
+
+Parent = Union[SplitBlock, RootSlot, None]  # None once a block has left the tree
+
+
+def _heap_bytes(instance: object) -> int:
+    """What an object really occupies: its size rounded up to the allocator's 16 bytes."""
+    return (sys.getsizeof(instance) + 15) & ~15
+
+
+SPLIT_BYTES = _heap_bytes(SplitBlock(None))
+LEAF_BYTES = _heap_bytes(FreeBlock(None))
+OFFSET_KEY_BYTES = _heap_bytes(1 << 40)  # a free list's key, a boxed offset
 
 
 class BuddyAllocator:
@@ -42,18 +117,24 @@ class BuddyAllocator:
             raise ValueError("the pool must hold at least one block of %d bytes" % min_block)
         self.pool_size = pool_size
         self.min_order = min_block.bit_length() - 1
-        self.roots: List[Block] = []
+        self._slots: List[RootSlot] = []
         self._free: List[Dict[int, Block]] = [{} for _ in range(pool_size.bit_length())]
         self._nonempty = 0  # bit k set <=> self._free[k] is not empty
+        self.split_blocks = 0  # SplitBlock nodes in the tree now
+        self.nodes_made = 0  # nodes made so far: new work for the garbage collector
         offset = 0
         for order in range(pool_size.bit_length() - 1, self.min_order - 1, -1):
             if pool_size & (1 << order):
-                root = Block(offset, order, None)
-                self.roots.append(root)
-                self._push(root)
+                slot = RootSlot(offset, order)
+                self._slots.append(slot)
+                self._push(slot.child, order, offset)
                 offset += 1 << order
         self.capacity = offset
         self._free_bytes = offset
+
+    @property
+    def roots(self) -> List[Block]:
+        return [slot.child for slot in self._slots]
 
     @property
     def free_bytes(self) -> int:
@@ -72,47 +153,171 @@ class BuddyAllocator:
         """A free block of at least ``size`` bytes, or None when nothing fits."""
         if size <= 0:
             raise ValueError("size must be positive")
-        want = self.order_for(size)
-        candidates = self._nonempty >> want
-        if not candidates:
-            return None
-        order = want + (candidates & -candidates).bit_length() - 1
-        block = self._pop(order)
-        while order > want:
-            order -= 1
-            block.left = Block(block.offset, order, block)
-            block.right = Block(block.offset + (1 << order), order, block)
-            self._push(block.right)
-            block = block.left
-        block.allocated = True
-        self._free_bytes -= 1 << want
-        return block
+        order = self.order_for(size)
+        offset = self.take(order)
+        return None if offset < 0 else self.block_at(offset, order)
 
     def free(self, block: Block) -> None:
         """Return a block; it merges with its buddy up the tree while both are free."""
         if not block.allocated:
             raise ValueError("%r is not allocated" % (block,))
-        block.allocated = False
-        self._free_bytes += block.size
-        parent = block.parent
-        while parent is not None:
-            free = self._free[block.order]
-            if free.pop(block.offset ^ block.size, None) is None:
-                break  # the buddy is allocated or split: no merge
-            if not free:
-                self._nonempty &= ~(1 << block.order)
-            parent.left = parent.right = None
-            block = parent
-            parent = block.parent
-        self._push(block)
+        self.release(*block.place())
 
-    def _push(self, block: Block) -> None:
-        self._free[block.order][block.offset] = block
-        self._nonempty |= 1 << block.order
+    def take(self, order: int) -> int:
+        """The offset of a newly allocated block of ``2**order`` bytes, or -1."""
+        candidates = self._nonempty >> order
+        if not candidates:
+            return -1
+        found = order + (candidates & -candidates).bit_length() - 1
+        free = self._free[found]
+        offset, block = free.popitem()
+        if not free:
+            self._nonempty &= ~(1 << found)
+        self._carve(block, found, offset, offset, order)
+        return offset
 
-    def _pop(self, order: int) -> Block:
+    def claim(self, offset: int, order: int) -> bool:
+        """Allocate exactly the block at ``offset``; False if any of it is taken or misplaced.
+
+        Rebuilds the tree of a saved pool, one known block at a time.
+        """
+        size = 1 << order
+        if order < self.min_order or offset < 0 or offset & (size - 1):
+            return False
+        slot = self._slot_for(offset)
+        if slot is None or slot.order < order:
+            return False
+        node = slot.child
+        level = slot.order
+        base = slot.offset
+        while not isinstance(node, FreeBlock):
+            if level == order or not isinstance(node, SplitBlock):
+                return False  # taken, or split below the block asked for
+            level -= 1
+            if offset & (1 << level):
+                node = node.right
+                base += 1 << level
+            else:
+                node = node.left
+        self._unlist(level, base)
+        self._carve(node, level, base, offset, order)
+        return True
+
+    def release(self, offset: int, order: int) -> None:
+        """Free the allocated block at ``offset``, merging it up the tree with free buddies."""
+        leaf = self.block_at(offset, order)
+        if not leaf.allocated:
+            raise ValueError("%r is not allocated" % (leaf,))
+        leaf.__class__ = FreeBlock
+        self._free_bytes += 1 << order
+        node: Block = leaf
+        parent = leaf.parent
+        while isinstance(parent, SplitBlock):
+            buddy = parent.left if parent.right is node else parent.right
+            if not isinstance(buddy, FreeBlock):
+                break
+            self._unlist(order, offset ^ (1 << order))
+            node.parent = buddy.parent = None  # no cycle is left behind
+            node = parent
+            parent = parent.parent
+            order += 1
+            offset &= -(1 << order)
+            self.split_blocks -= 1
+        if node is not leaf:
+            merged = FreeBlock(parent)
+            self._replace(node, merged)
+            node.parent = None
+            node = merged
+            self.nodes_made += 1
+        self._push(node, order, offset)
+
+    def block_at(self, offset: int, order: int) -> Block:
+        """The node for the block of ``2**order`` bytes at ``offset``, found from its root."""
+        slot = self._slot_for(offset)
+        if slot is not None and slot.order >= order:
+            node: Optional[Block] = slot.child
+            half = 1 << slot.order
+            size = 1 << order
+            while node is not None and half > size:
+                half >>= 1
+                node = node.right if offset & half else node.left
+            if node is not None:
+                return node
+        raise ValueError("no block of %d bytes at offset %d" % (1 << order, offset))
+
+    def free_runs(self) -> Iterator[Tuple[int, int]]:
+        """(offset, size) of every free block."""
+        for order, free in enumerate(self._free):
+            for offset in free:
+                yield offset, 1 << order
+
+    def free_block_counts(self) -> Dict[int, int]:
+        """Block size -> how many free blocks of that size."""
+        return {1 << order: len(free) for order, free in enumerate(self._free) if free}
+
+    def metadata_bytes(self) -> int:
+        """The tree's and the free lists' memory, estimated from their counts."""
+        leaves = self.split_blocks + len(self._slots)
+        listed = sum(len(free) for free in self._free)
+        lists = sum(sys.getsizeof(free) for free in self._free)
+        return self.split_blocks * SPLIT_BYTES + leaves * LEAF_BYTES + lists + (
+            listed * OFFSET_KEY_BYTES
+        )
+
+    def _carve(self, block: Block, order: int, base: int, target: int, want: int) -> None:
+        """Split the free leaf ``block`` (off its list) down to the leased block at ``target``.
+
+        The halves not on the way down go on the free lists.
+        """
+        self._free_bytes -= 1 << want
+        if order == want:
+            block.__class__ = LeasedBlock
+            return
+        node = SplitBlock(block.parent)
+        self._replace(block, node)
+        block.parent = None
+        self.split_blocks += order - want
+        self.nodes_made += 2 * (order - want)
+        while True:
+            order -= 1
+            half = 1 << order
+            child: Block = SplitBlock(node) if order > want else LeasedBlock(node)
+            other = FreeBlock(node)
+            if target & half:
+                node.left = other
+                node.right = child
+                self._push(other, order, base)
+                base += half
+            else:
+                node.left = child
+                node.right = other
+                self._push(other, order, base + half)
+            if not isinstance(child, SplitBlock):
+                return
+            node = child
+
+    def _replace(self, old: Block, new: Block) -> None:
+        parent = old.parent
+        if isinstance(parent, SplitBlock):
+            if parent.left is old:
+                parent.left = new
+            else:
+                parent.right = new
+        elif parent is not None:
+            parent.child = new
+
+    def _slot_for(self, offset: int) -> Optional[RootSlot]:
+        for slot in self._slots:
+            if offset < slot.offset + (1 << slot.order):
+                return slot if offset >= slot.offset else None
+        return None
+
+    def _push(self, block: Block, order: int, offset: int) -> None:
+        self._free[order][offset] = block
+        self._nonempty |= 1 << order
+
+    def _unlist(self, order: int, offset: int) -> None:
         free = self._free[order]
-        block = free.popitem()[1]
+        del free[offset]
         if not free:
             self._nonempty &= ~(1 << order)
-        return block

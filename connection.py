@@ -13,15 +13,14 @@ the protocol logic is here, so it can be driven and tested without a socket:
 """
 
 import collections
-import hmac
 import logging
 import mmap
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
-from lease_store import LeaseStore
-
 import protocol
+import security
+from lease_store import LeaseStore
 
 log = logging.getLogger("memlease")
 
@@ -38,10 +37,19 @@ class Service:
         *,
         max_data: int = protocol.INT32_MAX,
         token: Optional[bytes] = None,
+        tenants: Optional[security.Tenants] = None,
+        allow: Optional[security.AllowList] = None,
     ) -> None:
         self.store = store
         self.max_data = max_data  # larger writes are read, dropped and answered TOO_LARGE
-        self.token = token
+        # Who may connect: the tenants' tokens; with none, the peers in ``allow``.
+        if tenants is None and token is not None:
+            tenants = security.Tenants.single(token)
+        self.tenants = tenants
+        self.allow = allow or security.AllowList.parse(security.LOOPBACK)
+        self.auth_failures = security.RateLimiter(security.AUTH_FAILURES_PER_MINUTE)
+        self.guessers = security.RateLimiter(security.GUESSING_CLOSES_PER_MINUTE)
+        self.warnings = security.LogLimiter(log)
         self.log_requests = log.isEnabledFor(logging.INFO)
         # (command, status) -> count, for the metrics.
         self.requests: Dict[Tuple[str, int], int] = collections.defaultdict(int)
@@ -52,11 +60,16 @@ class Service:
                 "bytes_received",
                 "bytes_sent",
                 "auth_failures",
+                "auth_refused_unchecked",  # over the source's limit: the token was not compared
+                "connections_closed_guessing",
+                "connections_refused_guessing",
+                "connections_refused_protected",
             ),
             0,
         )
         self.connections: Callable[[], int] = lambda: 0  # the server tells how many are open
         self.expiry_lag = 0.0  # seconds the last expiry pass ran after its time
+        self.staging = StagingBuffers()
         self._started = time.monotonic()
 
     def stats(self, tenant: Optional[int]) -> Dict[str, int]:
@@ -72,29 +85,71 @@ class Service:
 
         With no token configured every connection is tenant 0 without presenting one.
         """
-        if self.token is None:
+        if self.tenants is None:
             return 0
-        if token is not None and hmac.compare_digest(token, self.token):
-            return 0
-        return None
+        return None if token is None else self.tenants.authenticate(token)
 
     def quota(self, tenant: int) -> int:
         """The most block bytes ``tenant`` may hold at once; 0 means no limit."""
-        return 0
+        return 0 if self.tenants is None else self.tenants.quota(tenant)
+
+    def refusal(self, address: object) -> Optional[Tuple[str, str]]:
+        """Why a new connection from ``address`` is turned away unheard (the counter, the
+        reason), or None."""
+        if self.tenants is None and not self.allow.allows(address):
+            return "connections_refused_protected", (
+                "no token is set, so only %s may connect (protected mode); to serve it, set "
+                "a token (--token-file or $MEMLEASE_TOKEN) or widen --allow" % self.allow
+            )
+        if not self.guessers.allowed(security.source_of(address)):
+            return "connections_refused_guessing", (
+                "its connections kept asking for lease ids that do not exist; it may try "
+                "again in a minute"
+            )
+        return None
+
+    def warn(self, kind: str, peer: object, message: str, *args: object) -> None:
+        """Log a warning, unless ``peer``'s host already had its share of this kind."""
+        self.warnings.warning(kind, security.source_of(peer), message, *args)
+
+
+class StagingBuffers:
+    """Receive buffers for large writes, kept for reuse so that their pages stay mapped.
+
+    A fresh mapping costs a page fault per page on first touch, which would halve the
+    speed of a large set; up to ``keep_bytes`` of finished buffers are kept instead.
+    A kept buffer's old bytes are never read: an upload reads only what it received.
+    """
+
+    def __init__(self, keep_bytes: int = 64 << 20) -> None:
+        self.keep_bytes = keep_bytes
+        self._free: Dict[int, List[mmap.mmap]] = collections.defaultdict(list)
+        self._kept = 0
+
+    def take(self, length: int) -> mmap.mmap:
+        size = 1 << (length - 1).bit_length()
+        free = self._free[size]
+        if free:
+            self._kept -= size
+            return free.pop()
+        return mmap.mmap(-1, size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """Keep ``buffer`` for the next upload, or let it be unmapped."""
+        if self._kept + len(buffer) <= self.keep_bytes:
+            self._free[len(buffer)].append(buffer)
+            self._kept += len(buffer)
 
 
 class _Upload:
-    """A large write being received into a staging mapping, applied all at once.
+    """A large write being received into a staging buffer, applied all at once."""
 
-    An anonymous mapping costs memory only as its pages are written, and is unmapped
-    as soon as the last view of it is gone.
-    """
+    __slots__ = ("frame", "buffer", "view", "received")
 
-    __slots__ = ("frame", "view", "received")
-
-    def __init__(self, frame: protocol.DataFrame) -> None:
+    def __init__(self, frame: protocol.DataFrame, buffer: mmap.mmap) -> None:
         self.frame = frame
-        self.view = memoryview(mmap.mmap(-1, frame.length))
+        self.buffer = buffer
+        self.view = memoryview(buffer)[: frame.length]
         self.received = 0
 
 
@@ -109,10 +164,12 @@ class Connection:
         self.closing = False  # nothing more is read or answered; close once flushed
         self.output_size = 0
         self.answered = 0  # requests answered so far
+        self.misses = 0  # of them, for lease ids that do not exist (or not this tenant's)
         self._decoder = protocol.request_decoder()
         self._out: Deque[Tuple[Buffer, Optional[object]]] = collections.deque()
         self._small = bytearray()  # small replies, joined until they are sent
         self._upload: Optional[_Upload] = None
+        self._paused = False  # requests wait in the decoder until the output drains
 
     # Input.
 
@@ -183,7 +240,7 @@ class Connection:
             out.popleft()
             if pin is not None:
                 self.store.unpin(pin)
-        if self.output_size < HIGH_WATER and not self.closing:
+        if self._paused and self.output_size < HIGH_WATER and not self.closing:
             self._process()
 
     def close(self) -> None:
@@ -201,18 +258,22 @@ class Connection:
 
     def _process(self, drain: bool = False) -> None:
         decoder = self._decoder
-        while not self.closing and (drain or self.output_size < HIGH_WATER):
+        self._paused = False
+        while not self.closing:
+            if self.output_size >= HIGH_WATER and not drain:
+                self._paused = True  # sent() resumes once the output drains
+                return
             if self._upload is not None and not self._continue_upload():
                 return
             try:
                 message = decoder.next_message()
             except protocol.BadFrame as exc:
-                log.warning("%s bad frame, closing: %s", self.peer, exc)
+                self.service.warn("frame", self.peer, "%s bad frame, closing: %s", self.peer, exc)
                 self._reply(protocol.Error(exc.status, exc.msg_type).encode())
                 self.closing = True
                 return
             except protocol.BadMessage as exc:
-                log.warning("%s bad message: %s", self.peer, exc)
+                self.service.warn("message", self.peer, "%s bad message: %s", self.peer, exc)
                 self._reply(protocol.Error(exc.status, exc.msg_type).encode())
                 continue
             if message is None:
@@ -237,6 +298,10 @@ class Connection:
         status = _status(request, reply)
         self.answered += 1
         self.service.requests[_command(request), status] += 1
+        if status == protocol.NOT_FOUND and not isinstance(reply, protocol.Leased):
+            self.misses += 1
+            if security.guessing(self.misses, self.answered):
+                self._close_guessing()
         if self.service.log_requests:
             log.info(
                 "%s %s -> %s", self.peer, _describe_request(request), _describe(reply, status)
@@ -340,16 +405,51 @@ class Connection:
         self._finish(message, reply)
 
     def _auth(self, message: protocol.Auth) -> None:
-        tenant = self.service.authenticate(message.token)
+        service = self.service
+        source = security.source_of(self.peer)
+        if not service.auth_failures.allowed(source):  # guessing: not even compared
+            tenant = None
+            service.counters["auth_refused_unchecked"] += 1
+            service.warn(
+                "auth",
+                self.peer,
+                "%s refused unchecked: over %d wrong tokens a minute from its host; closing",
+                self.peer,
+                security.AUTH_FAILURES_PER_MINUTE,
+            )
+        else:
+            tenant = service.authenticate(message.token)
+            if tenant is None:
+                service.auth_failures.take(source)
+                service.warn("auth", self.peer, "%s presented a wrong token; closing", self.peer)
         if tenant is None:
-            self.service.counters["auth_failures"] += 1
-            log.warning("%s presented a wrong token; closing", self.peer)
+            service.counters["auth_failures"] += 1
             self._finish(message, protocol.DataSet(protocol.UNAUTHORIZED))
             self.tenant = None
             self.closing = True
             return
         self.tenant = tenant
         self._finish(message, protocol.DataSet(protocol.OK))
+
+    def _close_guessing(self) -> None:
+        """Most of what this connection asks for does not exist: it is guessing lease ids.
+
+        It is closed after this reply, and its host may open only so many such connections
+        a minute (see Service.refusal), so guessing ids costs a reconnection per
+        GUESS_MIN_MISSES guesses and then waits.
+        """
+        service = self.service
+        service.counters["connections_closed_guessing"] += 1
+        service.guessers.take(security.source_of(self.peer))
+        service.warn(
+            "guessing",
+            self.peer,
+            "%s asked for %d lease ids that do not exist in %d requests; closing",
+            self.peer,
+            self.misses,
+            self.answered,
+        )
+        self.closing = True
 
     # Large writes.
 
@@ -370,7 +470,7 @@ class Connection:
             else:
                 self._finish(request, protocol.DataSet(status))
             return
-        self._upload = _Upload(frame)
+        self._upload = _Upload(frame, self.service.staging.take(frame.length))
 
     def _continue_upload(self) -> bool:
         """Take buffered bytes of the write; True once it is whole and answered."""
@@ -388,7 +488,9 @@ class Connection:
         return True
 
     def _drop_upload(self) -> None:
-        self._upload = None
+        if self._upload is not None:
+            self.service.staging.give(self._upload.buffer)
+            self._upload = None
 
 
 def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[Buffer, Any]]:
@@ -426,10 +528,13 @@ _UPLOAD_NAMES = {
 }
 
 
+_COMMANDS = {kind: protocol.TYPE_NAMES[number] for kind, number in protocol.REQUEST_TYPES.items()}
+
+
 def _command(request: object) -> str:
     if isinstance(request, _UploadRequest):
         return _UPLOAD_NAMES[request.frame.msg_type]
-    return protocol.request_name(request)
+    return _COMMANDS[type(request)]
 
 
 def _status(request: object, reply: object) -> int:

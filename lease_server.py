@@ -15,11 +15,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from lease_store import LeaseStore
-
 import protocol
 from connection import Connection, Service
 from event_loop import EventLoop, Timer
+from lease_store import LeaseStore
 
 log = logging.getLogger("memlease")
 
@@ -464,12 +463,19 @@ class MemLeaseServer:
                 self._pause_accepting(listener)
                 return
             peer = Peer(address)
+            refusal = service.refusal(address)
+            if refusal is not None:  # refused before a byte is read or a handshake is made
+                counter, reason = refusal
+                service.counters[counter] += 1
+                self.log_limited(counter, peer, "%s refused: %s", peer, reason)
+                _refuse(sock, None if self.ssl_context else protocol.UNAUTHORIZED)
+                continue
             if len(self.channels) >= self.max_connections:
                 service.counters["connections_refused"] += 1
                 self.log_limited(
                     "busy", "", "%s refused: %d connections already open", peer, len(self.channels)
                 )
-                _refuse(sock)
+                _refuse(sock, protocol.BUSY)
                 continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
@@ -502,9 +508,9 @@ class MemLeaseServer:
         self.channels.discard(channel)
         log.debug("%s closed", channel.conn.peer)
 
-    def log_limited(self, kind: str, source: str, message: str, *args: object) -> None:
-        """Log a warning unless this kind from this source already did this minute."""
-        log.warning(message, *args)
+    def log_limited(self, kind: str, source: object, message: str, *args: object) -> None:
+        """Log a warning unless this kind from this source (a peer's host) had its share."""
+        self.service.warn(kind, source, message, *args)
 
     # Expiry.
 
@@ -552,11 +558,12 @@ def listen(address: Tuple[str, int]) -> socket.socket:
     return sock
 
 
-def _refuse(sock: socket.socket) -> None:
-    """Tell a connection over the limit why, and close it."""
+def _refuse(sock: socket.socket, status: Optional[int]) -> None:
+    """Tell a connection turned away why (a status; None on a TLS port), and close it."""
     try:
         sock.setblocking(False)
-        sock.send(protocol.Error(protocol.BUSY, 0).encode())
+        if status is not None:
+            sock.send(protocol.Error(status, 0).encode())
     except OSError:
         pass
     sock.close()

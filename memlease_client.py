@@ -8,24 +8,51 @@ with MemLeaseClient("localhost", 412) as c:
     c.get(lease_id, offset=0, length=5)
 
 python3 memlease_client.py localhost 412 lease 1024 5000
+
+Threads may share one MemLeaseClient: it lends each call one of a few connections.
+memlease_cluster (several servers as one) and memlease_async (asyncio) reuse its calls,
+checks and exceptions.
 """
 
 import argparse
+import json
 import math
 import os
 import socket
-import struct
+import ssl
 import sys
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union, cast
+import threading
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    NoReturn,
+    Optional,
+    Sequence,
+    TextIO,
+    Tuple,
+    TypeVar,
+    Union,
+    cast,
+)
 
+import pool_picture
 import protocol
+from units import format_size, parse_size
 
 DEFAULT_PORT = 412
 DEFAULT_DURATION_MS = 5000
+DEFAULT_MAX_CONNECTIONS = 8
 RECV_SIZE = 256 * 1024
 # Requests are sent in windows of this many bytes, each window's replies read before
 # the next is sent, so neither side can fill both socket buffers and stall the other.
 PIPELINE_WINDOW = 64 * 1024
+# A large value is sent in slices of this size, so the timeout bounds each slice, not
+# the whole value (sendall's timeout covers everything it is given).
+SEND_SLICE = 1 << 20
 
 
 class MemLeaseError(Exception):
@@ -90,7 +117,88 @@ def _status_error(status: int, what: str) -> MemLeaseError:
     return _ERRORS.get(status, MemLeaseError)("%s: %s (%d)" % (what, reason, status), status)
 
 
-class _Call(NamedTuple):
+# Checks of the arguments, so that misuse gets our words, not a struct.error.
+
+
+def _whole_number(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("%s must be an int, not %s" % (name, type(value).__name__))
+    return value
+
+
+def _checked_size(size: object) -> int:
+    value = _whole_number("size", size)
+    if value > protocol.INT32_MAX:
+        raise InvalidArgument(
+            "size %d is over the largest lease, %d bytes" % (value, protocol.INT32_MAX),
+            protocol.INVALID,
+        )
+    if value <= 0:
+        raise InvalidArgument("size %d must be positive" % value, protocol.INVALID)
+    return value
+
+
+def _checked_duration(duration_ms: object) -> int:
+    value = _whole_number("duration_ms", duration_ms)
+    if not 0 < value <= protocol.INT32_MAX:
+        raise InvalidArgument(
+            "duration %d ms is not between 1 and %d ms" % (value, protocol.INT32_MAX),
+            protocol.INVALID,
+        )
+    return value
+
+
+def _checked_id(lease_id: object) -> int:
+    """An id that can name a lease; any other number names none, so it is not found."""
+    value = _whole_number("lease id", lease_id)
+    if not 0 < value <= protocol.INT32_MAX:
+        raise LeaseNotFound(
+            "lease %d: no such lease (ids are 1 to %d)" % (value, protocol.INT32_MAX),
+            protocol.NOT_FOUND,
+        )
+    return value
+
+
+def _checked_place(name: str, value: object) -> int:
+    """An offset or length: a position inside some lease."""
+    number = _whole_number(name, value)
+    if not 0 <= number <= protocol.INT32_MAX:
+        raise OutOfRange(
+            "%s %d is outside any lease (0 to %d)" % (name, number, protocol.INT32_MAX),
+            protocol.OUT_OF_RANGE,
+        )
+    return number
+
+
+def _checked_data(data: object) -> bytes:
+    """The data as bytes; a large buffer is kept as a view of the caller's, not copied."""
+    if isinstance(data, bytes):
+        view: Union[bytes, memoryview] = data
+    elif isinstance(data, str):
+        raise TypeError("data must be bytes-like, not str: encode it, e.g. 'text'.encode()")
+    else:
+        try:
+            view = memoryview(cast(Any, data)).cast("B")
+        except TypeError:
+            raise TypeError(
+                "data must be bytes-like (bytes, bytearray, memoryview), not %s"
+                % type(data).__name__
+            ) from None
+        if len(view) < protocol.STREAM_MIN:
+            view = view.tobytes()
+    if len(view) > protocol.INT32_MAX:
+        raise TooLarge(
+            "data of %d bytes is over the largest lease, %d bytes"
+            % (len(view), protocol.INT32_MAX),
+            protocol.TOO_LARGE,
+        )
+    return cast(bytes, view)  # a view serves every use of bytes the encoders make
+
+
+# Calls: a request and how its reply becomes a result, shared by every client.
+
+
+class Call(NamedTuple):
     """A request and how to turn its reply into a result."""
 
     request: protocol.Request
@@ -147,36 +255,298 @@ def _stats(request: protocol.Request, reply: protocol.Reply) -> Dict[str, int]:
     return reply.stats
 
 
-def _lease(size: int, duration_ms: int) -> _Call:
-    return _Call(protocol.Lease(size, duration_ms), _lease_id)
+def _pool_map(request: protocol.Request, reply: protocol.Reply) -> protocol.PoolMapReply:
+    if not isinstance(reply, protocol.PoolMapReply):
+        raise _unexpected(request, reply)
+    return reply
 
 
-def _set(lease_id: int, data: bytes, offset: int) -> _Call:
+def lease_call(size: int, duration_ms: int) -> Call:
+    return Call(protocol.Lease(_checked_size(size), _checked_duration(duration_ms)), _lease_id)
+
+
+def set_call(lease_id: int, data: bytes, offset: int = 0, truncate: bool = False) -> Call:
+    lease_id, data = _checked_id(lease_id), _checked_data(data)
+    offset = _checked_place("offset", offset)
+    if not isinstance(truncate, bool):
+        raise TypeError("truncate must be a bool, not %s" % type(truncate).__name__)
+    if truncate:
+        if offset:
+            raise InvalidArgument(
+                "truncate zeroes the lease after data written at offset 0, not %d" % offset,
+                protocol.INVALID,
+            )
+        return Call(protocol.Replace(lease_id, data), _done)
     if offset == 0:  # the original's message, so this works against its server too
-        return _Call(protocol.SetData(lease_id, bytes(data)), _done)
-    return _Call(protocol.Write(lease_id, offset, bytes(data)), _done)
+        return Call(protocol.SetData(lease_id, data), _done)
+    return Call(protocol.Write(lease_id, offset, data), _done)
 
 
-def _get(lease_id: int, offset: int, length: Optional[int]) -> _Call:
+def get_call(lease_id: int, offset: int = 0, length: Optional[int] = None) -> Call:
+    lease_id, offset = _checked_id(lease_id), _checked_place("offset", offset)
     if offset == 0 and length is None:
-        return _Call(protocol.AccessData(lease_id), _data)
-    return _Call(protocol.Read(lease_id, offset, -1 if length is None else length), _data)
+        return Call(protocol.AccessData(lease_id), _data)
+    wire_length = -1 if length is None else _checked_place("length", length)
+    return Call(protocol.Read(lease_id, offset, wire_length), _data)
 
 
-def _renew(lease_id: int, duration_ms: int) -> _Call:
-    return _Call(protocol.Renew(lease_id, duration_ms), _done)
+def renew_call(lease_id: int, duration_ms: int) -> Call:
+    return Call(protocol.Renew(_checked_id(lease_id), _checked_duration(duration_ms)), _done)
 
 
-def _release(lease_id: int) -> _Call:
-    return _Call(protocol.Release(lease_id), _done)
+def release_call(lease_id: int) -> Call:
+    return Call(protocol.Release(_checked_id(lease_id)), _done)
+
+
+def stats_call() -> Call:
+    return Call(protocol.Stats(), _stats)
+
+
+def pool_map_call(cells: int) -> Call:
+    count = _whole_number("cells", cells)
+    if not 0 < count <= protocol.INT32_MAX:
+        raise InvalidArgument("cells %d must be positive" % count, protocol.INVALID)
+    return Call(protocol.PoolMap(count), _pool_map)
+
+
+def auth_call(token: bytes) -> Call:
+    return Call(protocol.Auth(token), _done)
+
+
+def results_of(calls: Sequence[Call], replies: Sequence[protocol.Reply]) -> List[Any]:
+    """Each call's result, or the MemLeaseError its reply means."""
+    results: List[Any] = []
+    for call, reply in zip(calls, replies):
+        try:
+            results.append(call.result(call.request, reply))
+        except MemLeaseError as exc:
+            results.append(exc)
+    return results
+
+
+def raise_first_error(results: Sequence[Any]) -> None:
+    for result in results:
+        if isinstance(result, MemLeaseError):
+            raise result
+
+
+def frame_parts(request: protocol.Request) -> Tuple[bytes, ...]:
+    """The request's bytes; a large value apart from its head, so it is sent without a copy."""
+    if isinstance(request, (protocol.SetData, protocol.Write, protocol.Replace)) and (
+        len(request.data) >= protocol.STREAM_MIN
+    ):
+        return request.head(), request.data
+    return (request.encode(),)
+
+
+# Connections.
+
+
+def client_tls_context(
+    ca_file: Optional[str] = None,
+    cert_file: Optional[str] = None,
+    key_file: Optional[str] = None,
+) -> ssl.SSLContext:
+    """TLS 1.2 or later, the server verified against ``ca_file`` (default: the system's
+    authorities); ``cert_file`` (and ``key_file``) are presented for mutual TLS."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(
+            "cannot use %s as TLS authorities: %s" % (ca_file, _reason(exc))
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            files = cert_file if key_file is None else "%s and %s" % (cert_file, key_file)
+            raise InvalidArgument(
+                "cannot use %s as the TLS certificate: %s" % (files, _reason(exc))
+            ) from None
+    return context
+
+
+class Settings(NamedTuple):
+    """How to reach one server, checked once; the blocking and async clients share it."""
+
+    host: str
+    port: int
+    timeout: Optional[float]
+    token: Optional[bytes]
+    tls: Optional[ssl.SSLContext]
+
+    @property
+    def where(self) -> str:
+        return address_text(self.host, self.port)
+
+
+def client_settings(
+    host: str,
+    port: int,
+    timeout: Optional[float],
+    token: Optional[Union[str, bytes]],
+    tls: Union[bool, ssl.SSLContext, None],
+) -> Settings:
+    """The checked settings; the token defaults to $MEMLEASE_TOKEN."""
+    if not isinstance(host, str):
+        raise TypeError("host must be a str, not %s" % type(host).__name__)
+    return Settings(
+        host, _checked_port(port), _checked_timeout(timeout), _token_bytes(token), _tls_context(tls)
+    )
+
+
+def _tls_context(tls: Union[bool, ssl.SSLContext, None]) -> Optional[ssl.SSLContext]:
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is None or isinstance(tls, bool):
+        return client_tls_context() if tls else None
+    raise TypeError("tls must be a bool or an ssl.SSLContext, not %s" % type(tls).__name__)
+
+
+def _token_bytes(token: Optional[Union[str, bytes]]) -> Optional[bytes]:
+    """The token to present: the argument, else $MEMLEASE_TOKEN, else none."""
+    if token is None:
+        token = os.environ.get("MEMLEASE_TOKEN") or None
+    if token is None or isinstance(token, bytes):
+        return token
+    if isinstance(token, str):
+        return token.encode()
+    raise TypeError("token must be str or bytes, not %s" % type(token).__name__)
+
+
+def _checked_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be a number of seconds, not %s" % type(timeout).__name__)
+    if not 0 < timeout < math.inf:
+        raise InvalidArgument("timeout %r must be a positive number of seconds" % timeout)
+    return timeout
+
+
+def _checked_port(port: int) -> int:
+    value = _whole_number("port", port)
+    if not 0 < value < 65536:
+        raise InvalidArgument("port %d is not between 1 and 65535" % value)
+    return value
+
+
+def address_text(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets: ``[::1]:412``."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def connection_error(
+    where: str, timeout: Optional[float], exc: BaseException, connecting: bool = False
+) -> BaseException:
+    """The MemLeaseError a failed connect or exchange with ``where`` means; any other
+    exception (KeyboardInterrupt, a bug) is passed on as it is."""
+    if isinstance(exc, socket.timeout):
+        if connecting:
+            return MemLeaseConnectionError(
+                "cannot connect to %s: no answer within %ss" % (where, timeout)
+            )
+        return MemLeaseConnectionError("%s did not answer within %ss" % (where, timeout))
+    if isinstance(exc, ssl.SSLError):
+        phase = "TLS handshake with" if connecting else "TLS with"
+        return MemLeaseConnectionError("%s %s failed: %s" % (phase, where, _reason(exc)))
+    if isinstance(exc, OSError):
+        text = "cannot connect to %s: %s" if connecting else "connection to %s lost: %s"
+        return MemLeaseConnectionError(text % (where, _reason(exc)))
+    if isinstance(exc, protocol.ProtocolError):
+        return MemLeaseProtocolError("bad reply from %s: %s" % (where, exc))
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS or TLS error in one line, without the errno prefix."""
+    reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+    filename = getattr(exc, "filename", None)
+    return "%s: %s" % (filename, reason) if filename else str(reason)
+
+
+class _Connection:
+    """One socket and its reply decoder, used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = protocol.reply_decoder(stream_min=protocol.STREAM_MIN)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def exchange(self, requests: Sequence[protocol.Request]) -> List[protocol.Reply]:
+        """Send the requests and read one reply each, in order, a window at a time."""
+        replies: List[protocol.Reply] = []
+        start = 0
+        while start < len(requests):
+            parts: List[bytes] = []
+            end, size = start, 0
+            while end < len(requests) and (size < PIPELINE_WINDOW or end == start):
+                frame = frame_parts(requests[end])
+                parts.extend(frame)
+                size += sum(map(len, frame))
+                end += 1
+            self._send(parts)
+            replies.extend(self._receive(end - start))
+            start = end
+        return replies
+
+    def _send(self, parts: List[bytes]) -> None:
+        small: List[bytes] = []
+        for part in parts:
+            if len(part) < protocol.STREAM_MIN:
+                small.append(part)
+                continue
+            if small:
+                self.sock.sendall(b"".join(small))
+                small.clear()
+            with memoryview(part) as view:
+                for start in range(0, len(view), SEND_SLICE):
+                    self.sock.sendall(view[start : start + SEND_SLICE])
+        if small:
+            self.sock.sendall(b"".join(small))
+
+    def _receive(self, count: int) -> List[protocol.Reply]:
+        replies: List[protocol.Reply] = []
+        while len(replies) < count:
+            message = self.decoder.next_message()
+            if message is None:
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection")
+                self.decoder.feed(data)
+            elif isinstance(message, protocol.DataFrame):
+                replies.append(self._streamed_data(message))
+            else:
+                replies.append(message)  # type: ignore[arg-type]  # a reply decoder yields replies
+        return replies
+
+    def _streamed_data(self, frame: protocol.DataFrame) -> protocol.Data:
+        """A large Data reply received straight into one buffer, its final home."""
+        data = bytearray(frame.length)
+        with memoryview(data) as view:
+            received = self.decoder.read_payload(view)
+            while received < frame.length:
+                count = self.sock.recv_into(view[received:])
+                if not count:
+                    raise ConnectionResetError("the server closed the connection")
+                self.decoder.payload_received(count)
+                received += count
+        return protocol.Data(frame.lease_id, cast(bytes, data))
 
 
 class MemLeaseClient:
-    """A connection to a MemoryLease server, opened on first use and reused.
+    """A MemoryLease server's client: safe to share between threads.
 
-    Every failure raises a MemLeaseError subclass.  After a connection error the
-    socket is closed; the next call connects again (a failed call is not retried).
+    Each call borrows one of up to ``max_connections`` connections for its round trip
+    (opened on first need, kept for reuse), so threads never wait on each other's
+    replies.  Every failure raises a MemLeaseError subclass.  A connection that fails
+    is closed; the next call connects again (a failed call is not retried).
     ``token`` defaults to $MEMLEASE_TOKEN and is presented once per connection.
+    ``tls``: True verifies the server against the system's authorities; an
+    ``ssl.SSLContext`` (see client_tls_context) is used as it is.
     """
 
     def __init__(
@@ -185,15 +555,18 @@ class MemLeaseClient:
         port: int = DEFAULT_PORT,
         timeout: Optional[float] = 5.0,
         token: Optional[Union[str, bytes]] = None,
+        tls: Union[bool, ssl.SSLContext, None] = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        if token is None:
-            token = os.environ.get("MEMLEASE_TOKEN") or None
-        self.token = token.encode() if isinstance(token, str) else token
-        self._sock: Optional[socket.socket] = None
-        self._decoder = protocol.reply_decoder()
+        self._settings = client_settings(host, port, timeout, token, tls)
+        self.host, self.port = host, port
+        self.timeout, self.token = timeout, self._settings.token
+        if _whole_number("max_connections", max_connections) < 1:
+            raise InvalidArgument("max_connections %d must be at least 1" % max_connections)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._idle: List[_Connection] = []
+        self._generation = 0  # bumped by close(): connections then in use close on return
 
     def __enter__(self) -> "MemLeaseClient":
         return self
@@ -202,132 +575,117 @@ class MemLeaseClient:
         self.close()
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """Close the idle connections; those in use close when their call ends."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+        for connection in idle:
+            connection.close()
 
     def lease(self, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> int:
         """Lease ``size`` bytes for ``duration_ms`` milliseconds; returns the lease id."""
-        return cast(int, self._one(_lease(size, duration_ms)))
+        return cast(int, self._one(lease_call(size, duration_ms)))
 
-    def set(self, lease_id: int, data: bytes, offset: int = 0) -> None:
-        """Write ``data`` at ``offset`` of the lease, all or nothing."""
-        self._one(_set(lease_id, data, offset))
+    def set(self, lease_id: int, data: bytes, offset: int = 0, truncate: bool = False) -> None:
+        """Write ``data`` at ``offset`` of the lease, all or nothing.
+
+        ``truncate`` also zeroes the rest of the lease, in the same request (offset 0 only).
+        A large ``data`` buffer is sent from where it is: do not change it meanwhile.
+        """
+        self._one(set_call(lease_id, data, offset, truncate))
 
     def get(self, lease_id: int, offset: int = 0, length: Optional[int] = None) -> bytes:
-        """The lease's bytes: all of them, or ``length`` (default: to the end) from ``offset``."""
-        return cast(bytes, self._one(_get(lease_id, offset, length)))
+        """The lease's bytes: all of them, or ``length`` (default: to the end) from ``offset``.
+
+        A large value comes back as the bytearray it was received into, to spare a copy.
+        """
+        return cast(bytes, self._one(get_call(lease_id, offset, length)))
 
     def renew(self, lease_id: int, duration_ms: int) -> None:
         """Make the lease last ``duration_ms`` from now."""
-        self._one(_renew(lease_id, duration_ms))
+        self._one(renew_call(lease_id, duration_ms))
 
     def release(self, lease_id: int) -> None:
         """End the lease now."""
-        self._one(_release(lease_id))
+        self._one(release_call(lease_id))
 
     def stats(self) -> Dict[str, int]:
         """The server's counters."""
-        return cast(Dict[str, int], self._one(_Call(protocol.Stats(), _stats)))
+        return cast(Dict[str, int], self._one(stats_call()))
+
+    def pool_map(self, cells: int = 1024) -> protocol.PoolMapReply:
+        """How the server's pool is used, cut into ``cells`` slices, and its free blocks."""
+        return cast(protocol.PoolMapReply, self._one(pool_map_call(cells)))
 
     def pipeline(self) -> "Pipeline":
         """A batch of calls sent together and answered in one round trip."""
         return Pipeline(self)
 
-    def _one(self, call: _Call) -> Any:
+    def _one(self, call: Call) -> Any:
         result = self._request([call])[0]
         if isinstance(result, MemLeaseError):
             raise result
         return result
 
-    def _request(self, calls: Sequence[_Call]) -> List[Any]:
-        """Send the calls, read their replies in order; results or MemLeaseErrors."""
+    def _request(self, calls: Sequence[Call]) -> List[Any]:
+        """Send the calls on a borrowed connection; their results or MemLeaseErrors, in order."""
+        self._slots.acquire()
         try:
-            frames = [call.request.encode() for call in calls]
-        except struct.error as exc:
-            raise InvalidArgument(
-                "a value does not fit the wire format: %s" % exc, protocol.INVALID
-            ) from None
-        sock = self._sock or self._connect()
-        replies: List[protocol.Reply] = []
-        try:
-            start = 0
-            while start < len(frames):
-                end, size = start, 0
-                while end < len(frames) and (size < PIPELINE_WINDOW or end == start):
-                    size += len(frames[end])
-                    end += 1
-                sock.sendall(b"".join(frames[start:end]))
-                replies.extend(self._receive(sock, end - start))
-                start = end
-        except socket.timeout:
-            self.close()
-            raise MemLeaseConnectionError(
-                "%s:%d did not answer within %ss" % (self.host, self.port, self.timeout)
-            ) from None
-        except OSError as exc:
-            self.close()
-            raise MemLeaseConnectionError(
-                "connection to %s:%d lost: %s" % (self.host, self.port, exc)
-            ) from None
-        except protocol.ProtocolError as exc:
-            self.close()
-            raise MemLeaseProtocolError(
-                "bad reply from %s:%d: %s" % (self.host, self.port, exc)
-            ) from None
-        results: List[Any] = []
-        for call, reply in zip(calls, replies):
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+                generation = self._generation
+            if connection is None:
+                connection = self._connect()
             try:
-                results.append(call.result(call.request, reply))
-            except MemLeaseError as exc:
-                results.append(exc)
-        return results
+                replies = connection.exchange([call.request for call in calls])
+            except BaseException as exc:
+                connection.close()  # out of step with the server: never reused
+                raise connection_error(self._settings.where, self.timeout, exc) from None
+            with self._lock:
+                if generation == self._generation:
+                    self._idle.append(connection)
+                    connection = None
+            if connection is not None:
+                connection.close()
+        finally:
+            self._slots.release()
+        return results_of(calls, replies)
 
-    def _receive(self, sock: socket.socket, count: int) -> List[protocol.Reply]:
-        replies: List[protocol.Reply] = []
-        while len(replies) < count:
-            reply = self._decoder.next_message()
-            if reply is not None:
-                replies.append(reply)  # type: ignore[arg-type]  # a reply decoder yields replies
-                continue
-            data = sock.recv(RECV_SIZE)
-            if not data:
-                raise ConnectionResetError("the server closed the connection")
-            self._decoder.feed(data)
-        return replies
-
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _Connection:
+        """A new connection, through TLS and authenticated when so configured."""
+        settings = self._settings
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except OSError as exc:
-            raise MemLeaseConnectionError(
-                "cannot connect to %s:%d: %s" % (self.host, self.port, exc.strerror or exc)
-            ) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._decoder = protocol.reply_decoder()
+        except BaseException as exc:
+            raise connection_error(settings.where, self.timeout, exc, connecting=True) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if settings.tls is not None:
+                sock = settings.tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException as exc:
+            sock.close()
+            raise connection_error(settings.where, self.timeout, exc, connecting=True) from None
+        connection = _Connection(sock)
         if self.token is not None:
+            call = auth_call(self.token)
             try:
-                self._one(_Call(protocol.Auth(self.token), _done))
-            except MemLeaseError:
-                self.close()
-                raise
-        return sock
+                raise_first_error(results_of([call], connection.exchange([call.request])))
+            except BaseException as exc:
+                connection.close()
+                raise connection_error(settings.where, self.timeout, exc) from None
+        return connection
 
 
-class Pipeline:
-    """Calls queued on a client and sent together by ``execute()``.
+_Queue = TypeVar("_Queue", bound="CallQueue")
 
-    ``execute()`` returns one result per call in order; a failed call's result is its
-    MemLeaseError, or, with ``raise_on_error``, the first one is raised once every
-    reply has been read (so the connection stays in step).
-    """
 
-    def __init__(self, client: MemLeaseClient) -> None:
-        self._client = client
-        self._calls: List[_Call] = []
+class CallQueue:
+    """Calls queued to be sent together; each method returns the queue, to chain them."""
 
-    def __enter__(self) -> "Pipeline":
+    def __init__(self) -> None:
+        self._calls: List[Call] = []
+
+    def __enter__(self: _Queue) -> _Queue:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -336,33 +694,54 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self._calls)
 
-    def lease(self, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> "Pipeline":
-        self._calls.append(_lease(size, duration_ms))
+    def lease(self: _Queue, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> _Queue:
+        self._calls.append(lease_call(size, duration_ms))
         return self
 
-    def set(self, lease_id: int, data: bytes, offset: int = 0) -> "Pipeline":
-        self._calls.append(_set(lease_id, data, offset))
+    def set(
+        self: _Queue, lease_id: int, data: bytes, offset: int = 0, truncate: bool = False
+    ) -> _Queue:
+        self._calls.append(set_call(lease_id, data, offset, truncate))
         return self
 
-    def get(self, lease_id: int, offset: int = 0, length: Optional[int] = None) -> "Pipeline":
-        self._calls.append(_get(lease_id, offset, length))
+    def get(self: _Queue, lease_id: int, offset: int = 0, length: Optional[int] = None) -> _Queue:
+        self._calls.append(get_call(lease_id, offset, length))
         return self
 
-    def renew(self, lease_id: int, duration_ms: int) -> "Pipeline":
-        self._calls.append(_renew(lease_id, duration_ms))
+    def renew(self: _Queue, lease_id: int, duration_ms: int) -> _Queue:
+        self._calls.append(renew_call(lease_id, duration_ms))
         return self
 
-    def release(self, lease_id: int) -> "Pipeline":
-        self._calls.append(_release(lease_id))
+    def release(self: _Queue, lease_id: int) -> _Queue:
+        self._calls.append(release_call(lease_id))
         return self
+
+    def stats(self: _Queue) -> _Queue:
+        self._calls.append(stats_call())
+        return self
+
+    def _take(self) -> List[Call]:
+        calls, self._calls = self._calls, []
+        return calls
+
+
+class Pipeline(CallQueue):
+    """Calls queued on a client and sent together by ``execute()``.
+
+    ``execute()`` returns one result per call in order; a failed call's result is its
+    MemLeaseError, or, with ``raise_on_error``, the first one is raised once every
+    reply has been read (so the connection stays in step).
+    """
+
+    def __init__(self, client: MemLeaseClient) -> None:
+        super().__init__()
+        self._client = client
 
     def execute(self, raise_on_error: bool = True) -> List[Any]:
-        calls, self._calls = self._calls, []
+        calls = self._take()
         results = self._client._request(calls) if calls else []
         if raise_on_error:
-            for result in results:
-                if isinstance(result, MemLeaseError):
-                    raise result
+            raise_first_error(results)
         return results
 
 
@@ -370,189 +749,610 @@ class Pipeline:
 
 _EPILOG = """\
 commands:
-  lease SIZE [MS]        lease SIZE bytes for MS milliseconds (default 5000)
-  set ID DATA            write DATA (text, sent with a trailing NUL like the C++ client)
-  set ID --file PATH     write the bytes of PATH ('-' reads standard input)
-  get ID [--raw]         print the lease as text up to its first NUL, or --raw bytes
-  renew ID MS            make the lease last MS milliseconds from now
-  release ID             end the lease now
-  stats                  print the server's counters
-  set and get take --offset N; get takes --length N.
+  lease SIZE [MS]      lease SIZE bytes (or 64K, 16M...) for MS milliseconds (default 5000)
+  set ID DATA          write the text DATA with a trailing NUL, as the C++ client does
+                       (--no-nul: the text alone)
+  set ID --file PATH   write the bytes of PATH ('-' reads standard input)
+  get ID [--raw]       print the lease as text up to its first NUL, or --raw: its bytes
+  renew ID MS          make the lease last MS milliseconds from now
+  release ID           end the lease now
+  stats                print the server's counters
+  map [--json]         draw the pool: what is leased, what is free, how it is split
+
+set writes from the start of the lease (or from --offset N) and leaves the bytes after
+what it writes as they were: add --truncate to zero them in the same request.
+get takes --offset N and --length N.  Options may come anywhere on the line.
+
+host may list servers, host:port,host:port,...: they are used as one cluster, and lease
+ids then name their server, as in a:412/123.
 
 examples:
-  memlease_client.py localhost 412 lease 1024 5000
-  memlease_client.py localhost set 123 "this is some text"
-  memlease_client.py localhost get 123
-  memlease_client.py localhost get 123 --raw --offset 16 --length 8 > part.bin
-  tar c data | memlease_client.py localhost set 123 --file -
+  %(prog)s localhost 412 lease 1024 5000
+  %(prog)s localhost set 123 "this is some text"
+  %(prog)s localhost get 123
+  %(prog)s localhost get 123 --raw --offset 16 --length 8 > part.bin
+  tar c data | %(prog)s localhost set 123 --file - --truncate
+  %(prog)s localhost map
 
 The port defaults to 412.  $MEMLEASE_TOKEN is presented when set.
-Exit status: 0 done, 1 refused, not found or no connection, 2 usage error."""
+Exit status: 0 done; 1 refused, not found or cannot connect; 2 usage error;
+130 interrupted."""
+
+CLI_NAME = "memlease-client"  # when the program's own name is unknown
+DEFAULT_MAP_CELLS = 256
+MAX_MAP_CELLS = 1 << 16
+_VALUE_OPTIONS = ("--timeout", "--tls-ca", "--tls-cert", "--tls-key")
+_NOT_FOUND_TEXT = "lease %s does not exist: it expired, was released, or never was"
 
 
-def _int32(text: str) -> int:
+class _UsageError(Exception):
+    """A command line that cannot run: reported in one line, exit status 2."""
+
+
+class _OutputFailed(Exception):
+    """Standard output cannot take what we write: full, closed, or its reader gone."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that raises its errors, so that main() reports them in one line,
+    and writes its help as every other output is written."""
+
+    command = ""  # the sub-command this parser reads, named in its errors
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError("%s: %s" % (self.command, message) if self.command else message)
+
+    def _print_message(self, message: str, file: object = None) -> None:
+        if message:
+            _emit(message.rstrip("\n"))
+
+
+def _number_arg(text: str, what: str) -> int:
+    """A whole number from the command line; argparse turns the error into a usage line."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if not -(2**31) <= value <= protocol.INT32_MAX:
-        raise argparse.ArgumentTypeError("%r does not fit in 32 bits" % text)
+        raise argparse.ArgumentTypeError("%r is not a whole number of %s" % (text, what)) from None
+
+
+def _at_most_int32(value: int, text: str) -> int:
+    if value > protocol.INT32_MAX:
+        raise argparse.ArgumentTypeError(
+            "%s is over the largest lease, %d bytes (2 GiB - 1)" % (text, protocol.INT32_MAX)
+        )
     return value
 
 
-def _offset(text: str) -> int:
-    value = _int32(text)
+def _lease_size(text: str) -> int:
+    size = parse_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError("a lease holds at least 1 byte, not %r" % text)
+    return _at_most_int32(size, "%d bytes" % size)
+
+
+def _duration(text: str) -> int:
+    value = _number_arg(text, "milliseconds")
+    if not 0 < value <= protocol.INT32_MAX:
+        raise argparse.ArgumentTypeError(
+            "a duration is 1 to %d milliseconds, not %r" % (protocol.INT32_MAX, text)
+        )
+    return value
+
+
+def _position(text: str) -> int:
+    value = _number_arg(text, "bytes")
     if value < 0:
         raise argparse.ArgumentTypeError("%r must not be negative" % text)
+    return _at_most_int32(value, "%d bytes" % value)
+
+
+def _cells(text: str) -> int:
+    value = _number_arg(text, "cells")
+    if not 0 < value <= MAX_MAP_CELLS:
+        raise argparse.ArgumentTypeError(
+            "the map has 1 to %d cells, not %r" % (MAX_MAP_CELLS, text)
+        )
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
+    return int(text)
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError("%r is not a positive number of seconds" % text)
+    return value
+
+
+def _host(text: str) -> str:
+    """A host name the resolver can take (or a list of them, for a cluster)."""
+    try:
+        text.encode("utf-8" if "," in text else "idna")
+    except UnicodeError:
+        raise argparse.ArgumentTypeError("%r is not a host name" % text) from None
+    return text
+
+
+def _lease_ref(text: str) -> str:
+    """A lease id, or a cluster's server/id handle; checked against the host when run."""
+    number = text.rsplit("/", 1)[-1]
+    if not number.isdigit() or not 0 < int(number) <= protocol.INT32_MAX:
+        raise argparse.ArgumentTypeError("%r is not a lease id" % text)
+    return text
+
+
+def _add_connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """Options taken before or after the command: defaults are set once, at the top."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    def explain(text: str) -> str:
+        return text if top else argparse.SUPPRESS  # listed once, in the main --help
+
+    parser.add_argument(
         "--timeout",
-        type=float,
-        default=5.0,
+        type=_timeout,
+        default=default(5.0),
         metavar="S",
-        help="seconds to wait for the server (default 5)",
+        help=explain("seconds to wait for the server (default 5)"),
     )
-    parser = argparse.ArgumentParser(
-        prog="memlease_client.py",
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help=explain("connect with TLS")
+    )
+    for name, what in (
+        ("ca", "CA certificates to trust"),
+        ("cert", "client certificate"),
+        ("key", "client certificate's key"),
+    ):
+        parser.add_argument(
+            "--tls-" + name,
+            default=default(None),
+            metavar="FILE",
+            help=explain("PEM file of the %s (implies --tls)" % what),
+        )
+
+
+def build_parser(prog: str = CLI_NAME) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
         usage="%(prog)s host [port] command [leaseid|size] [duration|data] [options]",
         description="Lease, write, read, renew and release memory on a MemoryLease server.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    parser.add_argument("host", help="host running the server, e.g. localhost")
-    parser.add_argument("port", type=int, help="the server's port (default %d)" % DEFAULT_PORT)
-    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    lease = commands.add_parser("lease", parents=[common], help="lease memory")
-    lease.add_argument("size", type=_int32)
+    parser.add_argument("host", type=_host, help="host running the server, e.g. localhost")
+    parser.add_argument("port", type=_port, help="the server's port (default %d)" % DEFAULT_PORT)
+    _add_connection_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    commands.required = True
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            prog="%s host [port] %s" % (prog, name),
+            help=summary,
+            allow_abbrev=False,
+        )
+        sub.command = name
+        _add_connection_options(sub, top=False)
+        return sub
+
+    lease = command("lease", "lease memory")
+    lease.add_argument("size", type=_lease_size, help="bytes, or with K, M, G (powers of 1024)")
     lease.add_argument(
-        "duration", type=_int32, nargs="?", default=DEFAULT_DURATION_MS, help="milliseconds"
+        "duration",
+        type=_duration,
+        nargs="?",
+        default=DEFAULT_DURATION_MS,
+        help="milliseconds",
     )
-    set_ = commands.add_parser("set", parents=[common], help="write to a lease")
-    set_.add_argument("lease_id", type=_int32)
-    set_.add_argument("data", nargs="?")
+    set_ = command("set", "write to a lease")
+    set_.add_argument("lease_id", type=_lease_ref)
+    set_.add_argument("data", nargs="?", help="text, sent with a trailing NUL")
     set_.add_argument(
         "--file", metavar="PATH", help="write this file's bytes ('-': standard input)"
     )
-    set_.add_argument("--offset", type=_offset, default=0)
-    get = commands.add_parser("get", parents=[common], help="read a lease")
-    get.add_argument("lease_id", type=_int32)
+    set_.add_argument("--no-nul", action="store_true", help="send DATA without the trailing NUL")
+    set_.add_argument(
+        "--truncate",
+        action="store_true",
+        help="zero the rest of the lease (without it, bytes after the data are left as they were)",
+    )
+    set_.add_argument("--offset", type=_position, default=0, help="where to write (default 0)")
+    get = command("get", "read a lease")
+    get.add_argument("lease_id", type=_lease_ref)
     get.add_argument("--raw", action="store_true", help="write the exact bytes to standard output")
-    get.add_argument("--offset", type=_offset, default=0)
-    get.add_argument("--length", type=_offset)
-    renew = commands.add_parser("renew", parents=[common], help="extend a lease")
-    renew.add_argument("lease_id", type=_int32)
-    renew.add_argument("duration", type=_int32, help="milliseconds from now")
-    release = commands.add_parser("release", parents=[common], help="end a lease")
-    release.add_argument("lease_id", type=_int32)
-    commands.add_parser("stats", parents=[common], help="show the server's counters")
+    get.add_argument("--offset", type=_position, default=0, help="where to start (default 0)")
+    get.add_argument("--length", type=_position, help="how many bytes (default: to the end)")
+    renew = command("renew", "extend a lease")
+    renew.add_argument("lease_id", type=_lease_ref)
+    renew.add_argument("duration", type=_duration, help="milliseconds from now")
+    release = command("release", "end a lease")
+    release.add_argument("lease_id", type=_lease_ref)
+    command("stats", "show the server's counters")
+    map_ = command("map", "draw how the pool is used")
+    map_.add_argument("--json", action="store_true", help="the same data as JSON")
+    map_.add_argument(
+        "--cells",
+        type=_cells,
+        default=DEFAULT_MAP_CELLS,
+        help="slices of the pool to show (default %d)" % DEFAULT_MAP_CELLS,
+    )
     return parser
 
 
 def _with_default_port(argv: List[str]) -> List[str]:
     """Insert the default port when the word after the host is not a number."""
-    if argv and not argv[0].startswith("-") and (len(argv) < 2 or not argv[1].isdigit()):
-        return [argv[0], str(DEFAULT_PORT)] + argv[1:]
+    words = [
+        i
+        for i, word in enumerate(argv)
+        if not word.startswith("-") and (i == 0 or argv[i - 1] not in _VALUE_OPTIONS)
+    ]
+    if not words:
+        if "-h" in argv or "--help" in argv:
+            return argv
+        raise _UsageError("a host and a command are required")
+    if len(words) == 1 or not argv[words[1]].isdigit():
+        at = words[1] if len(words) > 1 else len(argv)
+        return argv[:at] + [str(DEFAULT_PORT)] + argv[at:]
     return argv
 
 
-def _payload(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bytes:
-    if args.data is None and args.file is None:
-        parser.error("set needs DATA or --file PATH")
-    if args.data is not None and args.file is not None:
-        parser.error("set takes DATA or --file PATH, not both")
+def _payload(args: argparse.Namespace) -> bytes:
+    """The bytes ``set`` sends: the text as the shell passed it, or a file's bytes."""
+    if (args.data is None) == (args.file is None):
+        raise _UsageError("set: give DATA or --file PATH (one of them)")
+    if args.no_nul and args.file is not None:
+        raise _UsageError("set: --no-nul is for DATA; --file sends the file's bytes as they are")
+    if args.truncate and args.offset:
+        raise _UsageError("set: --truncate writes from the start of the lease, without --offset")
     if args.file is None:
-        return cast(str, args.data).encode() + b"\0"
+        return os.fsencode(args.data) + (b"" if args.no_nul else b"\0")
     try:
-        if args.file == "-":
-            return sys.stdin.buffer.read()
-        with open(args.file, "rb") as file:
-            return file.read()
+        if args.file != "-":
+            with open(args.file, "rb") as file:
+                return file.read()
+        if sys.stdin is None:
+            raise OSError("it is closed")
+        return sys.stdin.buffer.read()
     except OSError as exc:
-        parser.error("cannot read %s: %s" % (args.file, exc.strerror or exc))
+        name = "standard input" if args.file == "-" else args.file
+        raise _UsageError("set: cannot read %s: %s" % (name, exc.strerror or exc)) from None
 
 
-def _run(client: MemLeaseClient, args: argparse.Namespace, payload: bytes) -> None:
+def _emit(line: Union[str, bytes], end: bytes = b"\n") -> None:
+    """Write a line to standard output now: bytes as they are, text escaped if need be."""
+    stream = sys.stdout
+    try:
+        if stream is None:
+            raise OSError("standard output is closed")
+        data = line if isinstance(line, bytes) else _encode(line, stream.encoding)
+        stream.buffer.write(data + end)
+        stream.buffer.flush()
+    except OSError as exc:
+        raise _OutputFailed(exc) from None
+
+
+def _complain(line: str) -> None:
+    """One line to standard error; if that fails too, there is nobody left to tell."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.buffer.write(_encode(line, stream.encoding) + b"\n")
+        stream.buffer.flush()
+    except OSError:
+        _silence(stream)
+
+
+def _encode(text: str, encoding: Optional[str]) -> bytes:
+    """The text in the stream's encoding; what it cannot show, as backslash escapes."""
+    return text.encode(encoding or "utf-8", "backslashreplace")
+
+
+def _silence(stream: Optional[TextIO]) -> None:
+    """Point a failed stream at /dev/null, so that its flush at exit cannot fail again."""
+    if stream is not None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+def _tls_from_args(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
+    """The TLS context the options ask for; any of them means TLS."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if args.tls_key and not args.tls_cert:
+        raise _UsageError("--tls-key needs --tls-cert")
+    try:
+        return client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except InvalidArgument as exc:
+        raise _UsageError(str(exc)) from None
+
+
+if TYPE_CHECKING:  # imported where it is used: memlease_cluster imports this module
+    from memlease_cluster import MemLeaseCluster
+
+Leases = Union[MemLeaseClient, "MemLeaseCluster"]
+# A server's lease id (int), or a cluster's handle text (str): each client takes its own.
+LeaseKey = Any
+
+
+def _open(args: argparse.Namespace) -> Leases:
+    """A client for the host, or for the cluster when the host lists several servers."""
+    tls = _tls_from_args(args)
+    try:
+        if "," not in args.host:
+            return MemLeaseClient(args.host, args.port, timeout=args.timeout, tls=tls)
+        import memlease_cluster
+
+        servers = memlease_cluster.parse_servers(args.host)
+        return memlease_cluster.MemLeaseCluster(servers, timeout=args.timeout, tls=tls)
+    except InvalidArgument as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _lease_key(client: Leases, text: str) -> LeaseKey:
+    """The id as the client takes it: a number for one server, the handle for a cluster."""
+    if not isinstance(client, MemLeaseClient):
+        return text
+    if "/" in text:
+        raise _UsageError("%s names a cluster's server: give the cluster's host list" % text)
+    return int(text)
+
+
+def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> None:
+    """The command, and its line in the seed's words."""
     command = args.command
     if command == "lease":
         lease_id = client.lease(args.size, args.duration)
-        print(
-            "You have leased %d bytes for %d MS with id %d" % (args.size, args.duration, lease_id)
+        _emit(
+            "You have leased %d bytes for %d MS with id %s" % (args.size, args.duration, lease_id)
         )
-    elif command == "set":
-        client.set(args.lease_id, payload, args.offset)
-        print("Data set for lease %d" % args.lease_id)
-    elif command == "get":
-        data = client.get(args.lease_id, args.offset, args.length)
-        if args.raw:
-            sys.stdout.buffer.write(data)
+        return
+    if command == "stats":
+        _print_stats(client)
+        return
+    if command == "map":
+        _draw_map(client, args)
+        return
+    key = _lease_key(client, args.lease_id)
+    if command == "set":
+        if args.truncate:
+            client.set(key, payload, truncate=True)
         else:
-            text = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            print("Data get for lease %d: %s" % (args.lease_id, text))
+            client.set(key, payload, args.offset)
+        _emit("Data set for lease %s" % args.lease_id)
+    elif command == "get":
+        data = client.get(key, args.offset, args.length)
+        if args.raw:
+            _emit(data, end=b"")
+        else:
+            text = data.split(b"\0", 1)[0]
+            _emit(b"Data get for lease %s: %s" % (os.fsencode(args.lease_id), text))
     elif command == "renew":
-        client.renew(args.lease_id, args.duration)
-        print("Lease %d renewed for %d MS" % (args.lease_id, args.duration))
-    elif command == "release":
-        client.release(args.lease_id)
-        print("Lease %d released" % args.lease_id)
+        client.renew(key, args.duration)
+        _emit("Lease %s renewed for %d MS" % (args.lease_id, args.duration))
     else:
+        client.release(key)
+        _emit("Lease %s released" % args.lease_id)
+
+
+def _print_stats(client: Leases) -> None:
+    """``name value`` lines; for a cluster the sums, then ``server name value`` lines."""
+    if isinstance(client, MemLeaseClient):
         for name, value in client.stats().items():
-            print("%s %d" % (name, value))
+            _emit("%s %d" % (name, value))
+        return
+    stats = client.stats()
+    for name, value in stats.total.items():
+        _emit("%s %d" % (name, value))
+    for server, counters in stats.servers.items():
+        for name, value in counters.items():
+            _emit("%s %s %d" % (server, name, value))
+    for server, reason in stats.down.items():
+        _emit("%s down %s" % (server, reason))
 
 
-def _refusal(args: argparse.Namespace, error: MemLeaseError) -> str:
-    """The message for a refused command; the original's wording where it has one."""
-    reason = (
-        protocol.STATUS_TEXT.get(error.status, str(error))
-        if error.status is not None
-        else str(error)
-    )
+def _draw_map(client: Leases, args: argparse.Namespace) -> None:
+    """The picture of the pool, in block characters if standard output can show them."""
+    if not isinstance(client, MemLeaseClient):
+        raise _UsageError("map: draws one server's pool: give one host")
+    pool = client.pool_map(args.cells)
+    if args.json:
+        _emit(json.dumps(pool._asdict()))
+        return
+    encoding = (sys.stdout.encoding if sys.stdout else None) or "ascii"
+    try:
+        "".join(pool_picture.BLOCKS).encode(encoding)
+        shades = pool_picture.BLOCKS
+    except UnicodeEncodeError:
+        shades = pool_picture.ASCII
+    _emit(pool_picture.render(pool, shades))
+
+
+def _first_line(args: argparse.Namespace, error: MemLeaseError) -> str:
+    """The seed's line for a refused command, and the same form for the newer ones."""
     if args.command == "lease":
-        if isinstance(error, OutOfMemory):
+        if isinstance(error, (OutOfMemory, TooLarge)):
             return "Failed to create lease due to insufficient resources on the server."
-        return "Failed to create lease: %s (%s)" % (reason, error.status)
-    if args.command == "set":
-        return "Error: unable set for lease %d (%s): %s" % (args.lease_id, error.status, reason)
+        return "Failed to create lease."
     if args.command == "get" and isinstance(error, LeaseNotFound):
-        return "Data not found for %d." % args.lease_id
-    return "Error: %s" % error
+        return "Data not found for %s." % args.lease_id
+    if args.command in ("stats", "map"):
+        return "Error: unable %s%s" % (args.command, _status_note(error))
+    return "Error: unable %s for lease %s%s" % (args.command, args.lease_id, _status_note(error))
+
+
+def _refusal_reason(
+    client: Leases, args: argparse.Namespace, payload: bytes, error: MemLeaseError
+) -> str:
+    """Why the server refused, in the user's terms; asks the server for sizes if need be."""
+    status = error.status
+    text = protocol.STATUS_TEXT.get(status, str(error)) if status is not None else str(error)
+    if isinstance(error, LeaseNotFound):
+        text = _NOT_FOUND_TEXT % args.lease_id
+    elif args.command == "lease" and isinstance(error, (OutOfMemory, TooLarge)):
+        text = _lease_refusal(client, args.size) or text
+    elif args.command in ("set", "get") and isinstance(error, (TooLarge, OutOfRange)):
+        text = _range_refusal(client, args, payload) or text
+    elif isinstance(error, MemLeaseProtocolError) and status == protocol.FRAME_TOO_LARGE:
+        text = "%d bytes is more than the server takes in one request" % len(payload)
+    return "reason: %s%s" % (text, _status_note(error))
+
+
+def _status_note(error: MemLeaseError) -> str:
+    """`` (-2)``: the server's status code, as the seed shows it; nothing without one."""
+    return "" if error.status is None else " (%d)" % error.status
+
+
+def _lease_refusal(client: Leases, size: int) -> Optional[str]:
+    """Whether the lease is larger than a whole pool, or larger than any free block now."""
+    try:
+        stats = client.stats()
+    except MemLeaseError:
+        return None
+    each = [stats] if isinstance(stats, dict) else list(stats.servers.values())
+    if not each:
+        return None
+    pool = max(counters.get("pool_bytes", 0) for counters in each)
+    largest = max(counters.get("largest_free_block", 0) for counters in each)
+    if size > pool:
+        whole = "the server's whole pool" if isinstance(stats, dict) else "any server's pool"
+        return "%s is more than %s (%s)" % (format_size(size), whole, format_size(pool))
+    return "no free block can hold %s now; the largest free block is %s" % (
+        format_size(size),
+        format_size(largest),
+    )
+
+
+def _range_refusal(client: Leases, args: argparse.Namespace, payload: bytes) -> Optional[str]:
+    """What did not fit where, with the lease's size found by asking the server."""
+    if args.command == "set":
+        limit = args.offset + len(payload)
+    else:
+        limit = args.offset + (args.length or 0) + 1
+    size = _lease_size_below(client, _lease_key(client, args.lease_id), limit)
+    if size is None:
+        return None
+    if args.command == "get":
+        span = "offset %d" % args.offset
+        if args.length is not None:
+            span += " + length %d = %d" % (args.length, args.offset + args.length)
+        return "%s is outside the lease's %s" % (span, format_size(size))
+    text_with_nul = args.data is not None and not args.no_nul
+    if text_with_nul and args.offset == 0 and size == len(payload) - 1:
+        return (
+            "%d bytes with the trailing NUL the C++ client sends; the lease holds %d: "
+            "use --file or --no-nul" % (len(payload), size)
+        )
+    where = " at offset %d" % args.offset if args.offset else ""
+    nul = " (with the trailing NUL)" if text_with_nul else ""
+    return "%s%s%s do not fit in the lease's %s" % (
+        format_size(len(payload)),
+        nul,
+        where,
+        format_size(size),
+    )
+
+
+def _lease_size_below(client: Leases, key: LeaseKey, limit: int) -> Optional[int]:
+    """The lease's size, known to be below ``limit``: found by one-byte reads, or None."""
+    # A read ending at ``low`` works; one ending at ``high`` does not.
+    low, high = 0, limit
+    try:
+        while high - low > 1:
+            middle = (low + high) // 2
+            try:
+                client.get(key, middle - 1, 1)
+                low = middle
+            except OutOfRange:
+                high = middle
+    except MemLeaseError:
+        return None
+    return low or None
+
+
+def _unauthorized() -> str:
+    """A missing token and a wrong one need different fixes, so they are told apart."""
+    if not os.environ.get("MEMLEASE_TOKEN"):
+        return "the server wants a token: set MEMLEASE_TOKEN"
+    return "the server refused the token in MEMLEASE_TOKEN"
+
+
+def _program_name() -> str:
+    """What the user typed to run us, so that --help and errors speak of it."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else CLI_NAME
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: returns the exit status."""
+    prog = _program_name()
     try:
-        status = _main(list(sys.argv[1:] if argv is None else argv))
-        sys.stdout.flush()  # here, so that a closed pipe is handled below
-        return status
+        return _main(prog, list(sys.argv[1:] if argv is None else argv))
+    except _UsageError as exc:
+        _complain("%s: usage error: %s (see %s --help)" % (prog, exc, prog))
+        return 2
+    except _OutputFailed as exc:
+        _silence(sys.stdout)
+        lost = exc.args[0]
+        if not isinstance(lost, BrokenPipeError):  # a reader that left wants no more
+            _complain("%s: cannot write the output: %s" % (prog, lost.strerror or lost))
+        return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # whoever read our output has gone: say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
-def _main(argv: List[str]) -> int:
-    parser = build_parser()
+def _main(prog: str, argv: List[str]) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(_with_default_port(argv))
-    if not 0 < args.port < 65536:
-        parser.error("port %d is not between 1 and 65535" % args.port)
-    if not 0 < args.timeout < math.inf:
-        parser.error("--timeout must be a positive number of seconds")
-    payload = _payload(parser, args) if args.command == "set" else b""
+    payload = _payload(args) if args.command == "set" else b""
+    client = _open(args)
     try:
-        with MemLeaseClient(args.host, args.port, timeout=args.timeout) as client:
-            _run(client, args, payload)
-    except (MemLeaseConnectionError, MemLeaseProtocolError, Unauthorized, ServerBusy) as exc:
-        print("memlease_client: %s" % exc, file=sys.stderr)
+        _run(client, args, payload)
+    except Unauthorized:
+        _complain("%s: %s" % (prog, _unauthorized()))
         return 1
+    except (MemLeaseConnectionError, MemLeaseProtocolError, ServerBusy) as exc:
+        if args.command == "set" and exc.status == protocol.FRAME_TOO_LARGE:
+            _refused(client, args, payload, exc)
+        else:
+            _complain("%s: %s" % (prog, exc))
+        return 1
+    except InvalidArgument as exc:
+        if exc.status is not None:  # the server refused
+            _refused(client, args, payload, exc)
+            return 1
+        raise _UsageError(str(exc)) from None
     except MemLeaseError as exc:
-        print(_refusal(args, exc))
+        _refused(client, args, payload, exc)
         return 1
+    finally:
+        client.close()
     return 0
 
 
+def _refused(
+    client: Leases, args: argparse.Namespace, payload: bytes, error: MemLeaseError
+) -> None:
+    """The seed's line for the refusal, then the reason on a line of its own."""
+    _emit(_first_line(args, error))
+    _emit(_refusal_reason(client, args, payload, error))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable copy of this module, not __main__, so that the errors the cluster
+    # client raises (memlease_cluster imports memlease_client) are the classes main() catches.
+    from memlease_client import main as module_main
+
+    sys.exit(module_main())

@@ -10,15 +10,20 @@ connection, without sockets), ``event_loop`` (file and time events on one thread
 """
 
 import argparse
+import functools
 import logging
 import math
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
-from lease_store import LeaseStore
-
+import protocol
+import security
+from connection import Service
 from lease_server import MemLeaseServer, install_signal_handlers
+from lease_store import TABLE_SUFFIX, LeaseStore
+from metrics import MetricsServer, render_service
+from systemd import ActivationError, listen_fds
 from units import parse_size
 
 __all__ = ["LeaseStore", "MemLeaseServer", "main", "parse_size"]
@@ -32,6 +37,16 @@ def parse_port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError("%r is not a port number (0-65535)" % text)
     return int(text)
+
+
+def parse_address(text: str) -> Tuple[str, int]:
+    """ADDR:PORT, with an IPv6 address in brackets ([::1]:9412); ADDR may be empty (all)."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError("%r is not ADDR:PORT" % text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, parse_port(port)
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -100,7 +115,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token-file",
         metavar="PATH",
-        help="require clients to present the token in this file (default: $MEMLEASE_TOKEN)",
+        help="require clients to present a token: the one in this file, or one per tenant on "
+        "lines 'NAME TOKEN [MAX_BYTES]' (default: $MEMLEASE_TOKEN)",
+    )
+    parser.add_argument(
+        "--allow",
+        type=parse_allow,
+        default=security.AllowList.parse(security.LOOPBACK),
+        metavar="CIDR[,CIDR...]",
+        help="without any token, serve only these peers (default: %s)" % security.LOOPBACK,
+    )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: run as this user once the port is bound and the files are read "
+        "(default: nobody; 'root' keeps root)",
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
+    parser.add_argument(
+        "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in that file)"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="require client certificates signed by these PEM authorities (needs --tls-cert)",
+    )
+    parser.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="keep the pool in this file (on tmpfs: /dev/shm/...) and the leases beside it "
+        "at a graceful stop, so a restart keeps them (default: leases end with the process)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=parse_address,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics, and /health "
+        "(e.g. 127.0.0.1:9412)",
     )
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument(
@@ -112,16 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_token(path: Optional[str]) -> Optional[bytes]:
-    """The shared token from --token-file or $MEMLEASE_TOKEN; None when neither is set."""
-    if path is None:
-        token = os.environ.get("MEMLEASE_TOKEN", "")
-        return token.encode() if token else None
-    with open(path, "rb") as file:
-        token_bytes = file.read().strip()
-    if not token_bytes:
-        raise ValueError("the token file %s is empty" % path)
-    return token_bytes
+def parse_allow(text: str) -> security.AllowList:
+    try:
+        return security.AllowList.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -134,28 +180,54 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_memory < MIN_BLOCK:
         parser.error("max_memory must be at least %d bytes" % MIN_BLOCK)
     try:
-        token = read_token(args.token_file)
+        tenants = security.load_tenants(args.token_file, dict(os.environ))
     except (OSError, ValueError) as exc:
         parser.error("cannot read the token: %s" % exc)
+    if (args.tls_key or args.tls_ca) and not args.tls_cert:
+        parser.error("--tls-key and --tls-ca need --tls-cert")
     try:
-        store = LeaseStore(args.max_memory)
-    except (OSError, ValueError, OverflowError) as exc:
-        print(
-            "memlease_server: cannot reserve %d bytes: %s" % (args.max_memory, exc), file=sys.stderr
-        )
+        tls = None
+        if args.tls_cert is not None:
+            tls = security.server_tls_context(args.tls_cert, args.tls_key, args.tls_ca)
+        account = security.resolve_user(args.user)
+        if args.state_file is not None:
+            security.check_writable(account, args.state_file)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    try:
+        inherited = listen_fds()
+    except ActivationError as exc:
+        print("memlease_server: %s" % exc, file=sys.stderr)
         return 1
     try:
+        store = LeaseStore(args.max_memory, state_file=args.state_file)
+    except (OSError, ValueError, OverflowError) as exc:
+        where = "" if args.state_file is None else " in %s" % args.state_file
+        print(
+            "memlease_server: cannot reserve %d bytes%s: %s" % (args.max_memory, where, exc),
+            file=sys.stderr,
+        )
+        return 1
+    if store.restore_note is not None:
+        log.warning("%s", store.restore_note)
+    try:
         server = MemLeaseServer(
-            (args.bind, args.port),
+            None if inherited else (args.bind, args.port),
             store,
+            sockets=inherited,
             max_connections=None if args.max_connections is None else int(args.max_connections),
             idle_timeout=args.idle_timeout,
             frame_timeout=args.frame_timeout,
-            max_frame=args.max_frame,
-            token=token,
+            service=Service(
+                store,
+                max_data=protocol.INT32_MAX if args.max_frame is None else args.max_frame,
+                tenants=tenants,
+                allow=args.allow,
+            ),
+            ssl_context=tls,
         )
     except PermissionError:
-        store.close()
+        _keep_leases_and_close(store)
         hint = (
             " (ports below 1024 need root: use sudo or a higher port)" if args.port < 1024 else ""
         )
@@ -165,26 +237,70 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         return 1
     except OSError as exc:
-        store.close()
+        _keep_leases_and_close(store)
         print(
             "memlease_server: cannot listen on %s port %d: %s"
             % (args.bind or "*", args.port, exc.strerror or exc),
             file=sys.stderr,
         )
         return 1
+    metrics = None
+    if args.metrics is not None:
+        try:
+            metrics = MetricsServer(
+                server.loop, args.metrics, functools.partial(render_service, server.service)
+            )
+        except OSError as exc:
+            store.save()
+            server.close()
+            print(
+                "memlease_server: cannot serve metrics on %s port %d: %s"
+                % (args.metrics[0] or "*", args.metrics[1], exc.strerror or exc),
+                file=sys.stderr,
+            )
+            return 1
+    try:  # the sockets are bound and every file is read: root is no longer needed
+        security.drop_privileges(account, _state_files(args.state_file), log)
+    except OSError as exc:
+        print("memlease_server: cannot switch to user %s: %s" % (args.user, exc), file=sys.stderr)
+        store.save()
+        server.close()
+        return 1
     install_signal_handlers(server)
+    if inherited:
+        log.info(
+            "serving on %d listening socket(s) from systemd; the port argument is not bound",
+            len(inherited),
+        )
     print("starting server on port %d" % server.server_address[1], flush=True)
     print("listening for client", flush=True)
-    if token is None and not server.is_loopback:
+    if tenants is None and not server.is_loopback:
         log.warning(
-            "no token is set and the server listens on %s: anyone who can reach it can "
-            "read and write its leases (set MEMLEASE_TOKEN or --token-file, or --bind 127.0.0.1)",
+            "no token is set and the server listens on %s: only peers in --allow %s are served "
+            "(protected mode); set MEMLEASE_TOKEN or --token-file to serve others",
             server.server_address[0],
+            args.allow,
         )
+    if metrics is not None:
+        log.info("metrics at http://%s:%d/metrics", *metrics.address)
     server.serve_forever()
     log.info("stopped: requests in flight were answered")
+    if metrics is not None:
+        metrics.close()
+    store.save()
     server.close()
     return 0
+
+
+def _state_files(state_file: Optional[str]) -> List[str]:
+    """The files a server with ``--state-file`` writes after dropping root."""
+    return [] if state_file is None else [state_file, state_file + TABLE_SUFFIX]
+
+
+def _keep_leases_and_close(store: LeaseStore) -> None:
+    """A start that fails after taking leases back saves them again for the next start."""
+    store.save()
+    store.close()
 
 
 if __name__ == "__main__":

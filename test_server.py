@@ -81,7 +81,8 @@ def test_a_connection_answers_without_a_socket():
         driven = Driven(store)
         (leased,) = driven.send(protocol.Lease(100, 5000).encode())
         lease_id = leased.lease_id
-        frames = protocol.SetData(lease_id, b"abc").encode() + protocol.AccessData(lease_id).encode()
+        frames = protocol.SetData(lease_id, b"abc").encode()
+        frames += protocol.AccessData(lease_id).encode()
         replies = []
         for byte in frames:  # split anywhere: one byte at a time
             replies += driven.send(bytes([byte]))
@@ -274,12 +275,11 @@ def test_sigterm_under_pipelined_load_answers_everything_received_and_closes_cle
 
 
 def test_a_connection_that_stops_reading_then_closes_gets_no_reset_for_its_replies():
-    with server_thread() as server:
-        with connect(server) as sock:
-            sock.sendall(protocol.Stats().encode())
-            sock.shutdown(socket.SHUT_WR)  # the C++ client's way: one request, then done
-            assert read_replies(sock, 1)[0].stats["total_connections"] >= 1
-            assert closed_by_peer(sock)
+    with server_thread() as server, connect(server) as sock:
+        sock.sendall(protocol.Stats().encode())
+        sock.shutdown(socket.SHUT_WR)  # the C++ client's way: one request, then done
+        assert read_replies(sock, 1)[0].stats["total_connections"] >= 1
+        assert closed_by_peer(sock)
 
 
 def test_expiry_runs_in_slices_between_requests():

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""The lease store at scale, measured through a real server: the figures of issue 10.
+
+Each case starts its own server process, loads it with pipelined requests from this
+process, and times another client's round trips from a second process meanwhile, so the
+load generator's own pauses never count as the server's.  Memory is the server's RSS.
+
+    flock /tmp/memlease-bench.lock python3 bench_store.py [--quick]
+"""
+
+import argparse
+import multiprocessing
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, List, NamedTuple, Sequence, Tuple
+
+import protocol
+
+BATCH = 2000  # requests sent before their replies are read
+MIB = 1 << 20
+HOUR_MS = 3_600_000
+
+
+class Scale(NamedTuple):
+    leases: int  # of 32 bytes, filling a pool of leases * 32 bytes
+    big_storm: int
+    small_storm: int
+    renews: int
+    pairs: int
+
+
+FULL = Scale(1 << 20, 200_000, 50_000, 300_000, 100_000)
+QUICK = Scale(1 << 16, 20_000, 5_000, 30_000, 10_000)
+
+
+class Pipe:
+    """A connection that sends requests in batches and reads all their replies."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = protocol.reply_decoder()
+
+    def exchange(self, frames: Sequence[bytes]) -> List[object]:
+        self.sock.sendall(b"".join(frames))
+        replies: List[object] = []
+        while len(replies) < len(frames):
+            message = self.decoder.next_message()
+            if message is not None:
+                replies.append(message)
+                continue
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self.decoder.feed(data)
+        return replies
+
+    def lease_ids(self, frames: Sequence[bytes]) -> List[int]:
+        ids = [reply.lease_id for reply in self.exchange(frames)]  # type: ignore[attr-defined]
+        if min(ids) <= 0:
+            raise RuntimeError("the server refused a lease: %d" % min(ids))
+        return ids
+
+    def stats(self) -> "dict[str, int]":
+        return self.exchange([protocol.Stats().encode()])[0].stats  # type: ignore[attr-defined,no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _batches(total: int) -> Iterator[int]:
+    while total > 0:
+        yield min(BATCH, total)
+        total -= BATCH
+
+
+def _rss(pid: int) -> int:
+    status = Path("/proc/%d/status" % pid).read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    if match is None:
+        raise RuntimeError("no VmRSS for process %d" % pid)
+    return int(match.group(1)) * 1024
+
+
+def _probe(port: int, request: bytes, stop: "multiprocessing.synchronize.Event", out) -> None:  # type: ignore[no-untyped-def]
+    """Time one small request after another until told to stop; send back (start, rtt)s."""
+    pipe = Pipe(port)
+    samples = []
+    while not stop.is_set():
+        began = time.perf_counter()
+        pipe.exchange([request])
+        samples.append((began, time.perf_counter() - began))
+        time.sleep(0.001)
+    pipe.close()
+    out.send(samples)
+
+
+class Prober:
+    """Another client's round trips, timed in a process of their own."""
+
+    def __init__(self, port: int, request: bytes) -> None:
+        self._stop = multiprocessing.Event()
+        self._receive, send = multiprocessing.Pipe(duplex=False)
+        self._process = multiprocessing.Process(
+            target=_probe, args=(port, request, self._stop, send), daemon=True
+        )
+        self._process.start()
+
+    def finish(self) -> List[Tuple[float, float]]:
+        self._stop.set()
+        samples: List[Tuple[float, float]] = self._receive.recv()
+        self._process.join(10)
+        return samples
+
+
+class Server:
+    """A memlease_server.py process on a port of the OS's choosing."""
+
+    def __init__(self, pool: int) -> None:
+        from bench_memlease import start_ours  # the benchmark's own launcher
+
+        self._log = tempfile.NamedTemporaryFile(mode="w+")
+        self.process, target = start_ours(str(pool), self._log)
+        self.port = target.port
+
+    def rss(self) -> int:
+        return _rss(self.process.pid)
+
+    def stop(self) -> None:
+        from bench_memlease import stop
+
+        stop(self.process)
+        self._log.close()
+
+
+def _longest_ms(samples: List[Tuple[float, float]], since: float = 0.0) -> Tuple[float, int]:
+    window = [rtt for began, rtt in samples if began >= since]
+    return (max(window) * 1000 if window else float("nan")), len(window)
+
+
+def metadata_and_growth(scale: Scale) -> Tuple[str, str]:
+    """Fill a pool with 32-byte leases: RSS beyond the pool per lease, and the probe's worst."""
+    pool = scale.leases * 32
+    server = Server(pool)
+    try:
+        pipe = Pipe(server.port)
+        before = server.rss()
+        prober = Prober(server.port, protocol.Read(1, 0, 1).encode())  # a miss: no lease needed
+        began = time.perf_counter()
+        for n in _batches(scale.leases):
+            pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()] * n)
+        took = time.perf_counter() - began
+        samples = prober.finish()
+        stats = pipe.stats()
+        per_lease = (server.rss() - before - pool) / scale.leases
+        pipe.close()
+    finally:
+        server.stop()
+    worst, count = _longest_ms(samples)
+    return (
+        "| metadata per live lease (%d leases of 32 B in a %d MiB pool; RSS growth minus the "
+        "pool, per lease) | %.0f B (the store's own estimate: %.0f B) | <= 150 B |"
+        % (scale.leases, pool // MIB, per_lease, stats["metadata_bytes"] / scale.leases),
+        "| longest round trip of another client while those leases are created (%.1f s, "
+        "%d round trips) | %.1f ms | <= 20 ms |" % (took, count, worst),
+    )
+
+
+def expiry_storm(leases: int, target_ms: int) -> str:
+    """Leases timed to expire in one instant; the probe's worst round trip from then on."""
+    server = Server(max(2 * leases * 32, 1 << 20))
+    try:
+        pipe = Pipe(server.port)
+        probe_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]
+        # Each batch's duration ends at the same moment, with time to send them all first.
+        instant = time.monotonic() + 2.0 + leases / 20_000
+        for n in _batches(leases):
+            left_ms = int((instant - time.monotonic()) * 1000)
+            if left_ms < 500:
+                raise RuntimeError("the leases took too long to create to expire together")
+            pipe.lease_ids([protocol.Lease(32, left_ms).encode()] * n)
+        prober = Prober(server.port, protocol.Read(probe_id, 0, 1).encode())
+        time.sleep(max(0.0, instant - time.monotonic()))
+        since = time.perf_counter()
+        for _ in range(600):
+            if pipe.stats()["leases_expired"] >= leases:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("the leases did not expire within 30 s")
+        reaped = time.perf_counter() - since
+        samples = prober.finish()
+        pipe.close()
+    finally:
+        server.stop()
+    worst, count = _longest_ms(samples, since)
+    return (
+        "| %d leases expiring in the same instant: longest round trip of another client "
+        "(reaped in %.2f s, %d round trips) | %.1f ms | <= %d ms |"
+        % (leases, reaped, count, worst, target_ms)
+    )
+
+
+def renews_of_one_lease(renews: int) -> str:
+    server = Server(1 << 20)
+    try:
+        pipe = Pipe(server.port)
+        lease_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]
+        pipe.exchange([protocol.Renew(lease_id, HOUR_MS).encode()] * BATCH)  # warm up
+        before = server.rss()
+        for n in _batches(renews):
+            pipe.exchange([protocol.Renew(lease_id, HOUR_MS).encode()] * n)
+        growth = server.rss() - before
+        pipe.close()
+    finally:
+        server.stop()
+    return "| %d renews of one lease: RSS growth | %+.2f MiB | < 1 MiB |" % (renews, growth / MIB)
+
+
+def lease_release_pairs(pairs: int) -> str:
+    server = Server(1 << 20)
+    try:
+        pipe = Pipe(server.port)
+        lease = protocol.Lease(32, HOUR_MS).encode()
+
+        def cycle(n: int) -> None:
+            ids = pipe.lease_ids([lease] * n)
+            pipe.exchange([protocol.Release(lease_id).encode() for lease_id in ids])
+
+        cycle(BATCH)  # warm up
+        before = server.rss()
+        for n in _batches(pairs):
+            cycle(n)
+        growth = server.rss() - before
+        pipe.close()
+    finally:
+        server.stop()
+    return "| %d lease + release pairs: RSS growth | %+.2f MiB | < 1 MiB |" % (pairs, growth / MIB)
+
+
+def rows(scale: Scale) -> Iterator[str]:
+    """The table's lines, each as soon as its case is measured."""
+    yield "| case | measured | target |"
+    yield "|---|---|---|"
+    yield from metadata_and_growth(scale)
+    yield expiry_storm(scale.big_storm, 20)
+    yield expiry_storm(scale.small_storm, 10)
+    yield renews_of_one_lease(scale.renews)
+    yield lease_release_pairs(scale.pairs)
+
+
+def run(quick: bool) -> List[str]:
+    """The "store at scale" table, as markdown lines."""
+    return list(rows(QUICK if quick else FULL))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the counts")
+    args = parser.parse_args()
+    print("## store at scale\n")
+    for line in rows(QUICK if args.quick else FULL):
+        print(line, flush=True)
+    print("\n`flock /tmp/memlease-bench.lock python3 bench_store.py%s`" % (
+        " --quick" if args.quick else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,774 @@
+"""The lease store: the pool's bytes, its allocator, the leases and their deadlines.
+
+It belongs to one thread, the event loop's, so it has no lock and no thread of its own:
+the loop asks ``next_deadline()`` when to wake and calls ``expire_due(limit)`` in slices
+between other work, and every access checks the lease's deadline itself, so a lease is
+never readable after its time even between slices.
+
+A million small leases must stay cheap, so a lease is not an object: its fields live in
+parallel arrays (unboxed machine integers), kept in the order of a binary heap on the
+deadline, so the table is its own expiry queue and holds exactly the live leases.  Ids
+are random, and an id is chosen only when its low bits name an empty slot of the index,
+so the index needs no probing and doubles by a copy in C.  Deadlines are integer
+milliseconds since the store began, on its monotonic clock.
+
+With ``state_file`` the pool is a shared mapping of that file (put it on tmpfs, such as
+/dev/shm), and ``save()`` writes the lease table beside it, so a restarted server takes
+back every lease that has time left, with its bytes.
+"""
+
+import errno
+import fcntl
+import gc
+import mmap
+import os
+import secrets
+import struct
+import sys
+import time
+import zlib
+from array import array
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import protocol
+from buddy import BuddyAllocator
+
+COUNTERS = (
+    "leases_granted",
+    "leases_refused",
+    "leases_expired",
+    "leases_released",
+    "leases_renewed",
+    "gets",
+    "sets",
+)
+_EMPTY = memoryview(b"")
+Bytes = Union[bytes, bytearray, memoryview]
+if TYPE_CHECKING:
+    Column = array[int]  # a column of machine integers
+else:
+    Column = array
+_FIRST_INDEX_SLOTS = 64
+# After this many new tree nodes the store moves every object the collector tracks into
+# its permanent generation: a full collection then walks only what is newer, so it never
+# spends a long pause on millions of nodes that are still in use.
+FREEZE_EVERY_NODES = 50_000
+# A nanosecond of slack absorbs float rounding, so a reading at a deadline counts as it.
+_SLACK_MS = 1e-6
+
+
+class PoolMemory:
+    """The pool's bytes: a private anonymous mapping, so untouched pages cost nothing.
+
+    Zeroing a run hands its whole pages back to the OS with madvise, which zeroes them
+    too; the ragged ends of the run, and everything where madvise fails, get zeros written.
+    """
+
+    _ZEROS = memoryview(bytes(max(64 * 1024, mmap.PAGESIZE)))
+
+    def __init__(self, size: int) -> None:
+        private = getattr(mmap, "MAP_PRIVATE", None)
+        if private is None:
+            self.buffer = mmap.mmap(-1, size)
+        else:
+            self.buffer = mmap.mmap(-1, size, flags=private)
+        self._advice: Optional[int] = getattr(mmap, "MADV_DONTNEED", None)
+
+    def zero(self, offset: int, size: int) -> None:
+        if size < mmap.PAGESIZE:
+            self.buffer[offset : offset + size] = self._ZEROS[:size]
+            return
+        end = offset + size
+        if self._advice is not None:
+            first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                try:
+                    self.buffer.madvise(self._advice, first, last - first)
+                except OSError:
+                    self._advice = None  # not here: write zeros from now on
+                else:
+                    self._write_zeros(offset, first)
+                    self._write_zeros(last, end)
+                    return
+        self._write_zeros(offset, end)
+
+    def flush(self) -> None:
+        """Make written bytes durable; an anonymous pool has nowhere to keep them."""
+
+    def close(self) -> None:
+        """Unmap, or if views of it are still out, leave it to go with the last of them."""
+        try:
+            self.buffer.close()
+        except BufferError:
+            pass
+
+    def _write_zeros(self, start: int, end: int) -> None:
+        while start < end:
+            n = min(end - start, len(self._ZEROS))
+            self.buffer[start : start + n] = self._ZEROS[:n]
+            start += n
+
+
+class FilePoolMemory(PoolMemory):
+    """The pool as a shared mapping of a file, so its bytes outlive the process.
+
+    On tmpfs (/dev/shm) the file is memory; freed pages are punched out of it with
+    madvise(MADV_REMOVE), so they go back to the OS as with the anonymous pool.  The file
+    is locked while mapped: two servers never share one pool.  Its bytes are left as found;
+    the store decides whether to keep them or ``wipe()`` them.
+    """
+
+    def __init__(self, path: str, size: int) -> None:  # not the anonymous mapping's setup
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OSError(errno.EBUSY, "another server is using the state file", path) from None
+            self.found_size = os.fstat(self._fd).st_size
+            if self.found_size != size:
+                os.ftruncate(self._fd, 0)  # not this pool's file: nothing in it is kept
+                os.ftruncate(self._fd, size)
+            self.buffer = mmap.mmap(
+                self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._size = size
+        self._advice = getattr(mmap, "MADV_REMOVE", None)
+
+    def wipe(self) -> None:
+        """Drop every byte of the file: it reads as zeros, and holds no memory."""
+        os.ftruncate(self._fd, 0)
+        os.ftruncate(self._fd, self._size)
+
+    def flush(self) -> None:
+        self.buffer.flush()
+
+    def close(self) -> None:
+        super().close()
+        os.close(self._fd)
+
+
+class _CleanStart(Exception):
+    """The saved state is in doubt: the store starts empty, for the reason given."""
+
+
+# The lease table saved beside the pool file on a graceful stop, all little-endian:
+# a header, then one column per field (ids, tenants, sizes, offsets, deadlines as
+# wall-clock milliseconds), then a CRC-32 of everything before it.
+TABLE_SUFFIX = ".leases"
+_TABLE_MAGIC = b"MLEASES\n"
+_TABLE_VERSION = 1
+_TABLE_HEADER = struct.Struct("<8sIQIqQ")  # magic, version, pool bytes, min block, saved at, n
+_TABLE_COLUMNS = "iqqqq"
+_TABLE_CRC = struct.Struct("<I")
+_TABLE_BYTES_PER_LEASE = sum(array(code).itemsize for code in _TABLE_COLUMNS)
+
+
+def _column_bytes(typecode: str, values: "Iterable[int]") -> bytes:
+    column = array(typecode, values)
+    if sys.byteorder == "big":
+        column.byteswap()
+    return column.tobytes()
+
+
+def _column(typecode: str, data: memoryview) -> Column:
+    column = array(typecode)
+    column.frombytes(data)
+    if sys.byteorder == "big":
+        column.byteswap()
+    return column
+
+
+def _appended(column: Column, value: int) -> Column:
+    """``column`` with ``value`` appended: in a wider copy if it does not fit.
+
+    Most tenants and sizes are small, so their columns start narrow and widen at most once.
+    """
+    try:
+        column.append(value)
+    except OverflowError:
+        column = array("q", column)
+        column.append(value)
+    return column
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Pin:
+    """A hold on a block while its bytes are being sent."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class LeaseStore:
+    """The leases of one pool, each a block of it, for a duration; owned by one thread."""
+
+    # The lease table: one column a field, in heap order of the deadline.
+    _ids: Column
+    _tenants: Column
+    _sizes: Column  # as asked for; the block is the next power of two
+    _offsets: Column
+    _deadlines: Column  # milliseconds since the store began
+    _index: Column  # id & _mask -> position of that lease, if its id matches
+    _mask: int
+    _tenant_bytes: Dict[int, int]
+    _tenant_leases: Dict[int, int]
+
+    def __init__(
+        self,
+        pool_size: int,
+        *,
+        min_block: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+        state_file: Optional[str] = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pool_size = pool_size
+        self._min_block = min_block
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._epoch = clock()
+        self.counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._pins: Dict[int, int] = {}  # block offset -> holds on it
+        self._unpinned_frees: Dict[int, int] = {}  # offset -> order, freed at the last unpin
+        self._frozen_at = 0
+        self._table_path = None if state_file is None else state_file + TABLE_SUFFIX
+        self._table_saved = False
+        self._start_empty()
+        self.memory: PoolMemory
+        self.restore_note: Optional[str] = None
+        if state_file is None:
+            self.memory = PoolMemory(self.capacity)
+        else:
+            self.memory = FilePoolMemory(state_file, self.capacity)
+            self.restore_note = self._restore(state_file)
+        self._view = memoryview(self.memory.buffer)
+
+    # The requests.
+
+    def lease(self, size: int, duration_ms: int, tenant: int = 0, quota: int = 0) -> int:
+        """A new lease id, or a negative status when refused."""
+        status = self._refusal(size, duration_ms, tenant, quota)
+        offset = -1
+        if status == protocol.OK:
+            offset = self.allocator.take(self.allocator.order_for(size))
+        if offset < 0:
+            self.counters["leases_refused"] += 1
+            return status or protocol.NO_MEMORY
+        lease_id = self._new_id()
+        self.memory.zero(offset, 1 << self.allocator.order_for(size))
+        self._add(lease_id, tenant, size, offset, self._now() + duration_ms)
+        self.counters["leases_granted"] += 1
+        if self.allocator.nodes_made - self._frozen_at >= FREEZE_EVERY_NODES:
+            self._freeze()
+        return lease_id
+
+    def check_write(self, lease_id: int, offset: int, length: int, tenant: int = 0) -> int:
+        """The status a write of ``length`` bytes at ``offset`` would get now; changes nothing."""
+        pos = self._find(lease_id, tenant)
+        if pos < 0 or self._deadlines[pos] <= self._now():
+            return protocol.NOT_FOUND
+        return self._write_status(pos, offset, length)
+
+    def write(self, lease_id: int, offset: int, data: Bytes, tenant: int = 0) -> int:
+        """Write all of ``data`` at ``offset``, or nothing; returns a status."""
+        self.counters["sets"] += 1
+        pos = self._live(lease_id, tenant)
+        if pos < 0:
+            return protocol.NOT_FOUND
+        n = len(data)
+        status = self._write_status(pos, offset, n)
+        if status == protocol.OK:
+            start = self._offsets[pos] + offset
+            self._view[start : start + n] = data
+        return status
+
+    def read(
+        self, lease_id: int, offset: int = 0, length: int = -1, tenant: int = 0
+    ) -> Tuple[int, memoryview]:
+        """A status and a view of the lease's bytes; a length of -1 reads to the end.
+
+        The view is the pool itself, valid until the store next changes unless pinned.
+        """
+        self.counters["gets"] += 1
+        pos = self._live(lease_id, tenant)
+        if pos < 0:
+            return protocol.NOT_FOUND, _EMPTY
+        size = self._sizes[pos]
+        if length == -1:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            return protocol.OUT_OF_RANGE, _EMPTY
+        start = self._offsets[pos] + offset
+        return protocol.OK, self._view[start : start + length]
+
+    def pin(self, lease_id: int) -> object:
+        """Keep the lease's block from being zeroed or reused until ``unpin(token)``.
+
+        Call it right after a successful read, while the reply is still to be sent.
+        """
+        pos = self._position(lease_id)
+        if pos < 0:
+            raise KeyError(lease_id)
+        offset = self._offsets[pos]
+        self._pins[offset] = self._pins.get(offset, 0) + 1
+        return _Pin(offset)
+
+    def unpin(self, token: object) -> None:
+        """Drop a hold; a block whose lease ended meanwhile is zeroed and freed at the last."""
+        if not isinstance(token, _Pin) or token.offset < 0:
+            raise ValueError("not a live pin")
+        offset = token.offset
+        token.offset = -1
+        holds = self._pins[offset] - 1
+        if holds:
+            self._pins[offset] = holds
+            return
+        del self._pins[offset]
+        order = self._unpinned_frees.pop(offset, None)
+        if order is not None:
+            self._free_block(offset, order)
+
+    def renew(self, lease_id: int, duration_ms: int, tenant: int = 0) -> int:
+        """Give a live lease ``duration_ms`` from now; returns a status."""
+        if duration_ms <= 0:
+            return protocol.INVALID
+        pos = self._live(lease_id, tenant)
+        if pos < 0:
+            return protocol.NOT_FOUND
+        self._table_changed()
+        self._settle(
+            pos,
+            lease_id,
+            self._tenants[pos],
+            self._sizes[pos],
+            self._offsets[pos],
+            self._now() + duration_ms,
+        )
+        self.counters["leases_renewed"] += 1
+        return protocol.OK
+
+    def release(self, lease_id: int, tenant: int = 0) -> int:
+        """End a lease now; its memory is zeroed and returned.  Returns a status."""
+        pos = self._live(lease_id, tenant)
+        if pos < 0:
+            return protocol.NOT_FOUND
+        self._retire(pos)
+        self.counters["leases_released"] += 1
+        return protocol.OK
+
+    # Expiry, driven by the loop.
+
+    def next_deadline(self) -> Optional[float]:
+        """The clock() time of the earliest deadline, or None without leases."""
+        if not self._deadlines:
+            return None
+        return self._epoch + self._deadlines[0] / 1000.0
+
+    def expire_due(self, limit: int) -> int:
+        """Expire at most ``limit`` leases whose deadline has passed; returns how many."""
+        now = self._now()
+        deadlines = self._deadlines
+        done = 0
+        while done < limit and deadlines and deadlines[0] <= now:
+            self._retire(0)
+            done += 1
+        self.counters["leases_expired"] += done
+        return done
+
+    # Figures.
+
+    def stats(self, tenant: Optional[int] = None) -> Dict[str, int]:
+        free = self.allocator.free_bytes
+        largest = self.allocator.largest_free
+        stats = {
+            "pool_bytes": self.capacity,
+            "free_bytes": free,
+            "largest_free_block": largest,
+            "live_leases": len(self._ids),
+            "metadata_bytes": self.metadata_bytes(),
+            "fragmentation": (1000 * (free - largest)) // free if free else 0,
+        }
+        stats.update(self.counters)
+        if tenant is not None:
+            stats["tenant_bytes"], stats["tenant_leases"] = self.tenant_usage(tenant)
+        return stats
+
+    def tenant_usage(self, tenant: int) -> Tuple[int, int]:
+        """The block bytes and the number of leases ``tenant`` holds."""
+        return self._tenant_bytes.get(tenant, 0), self._tenant_leases.get(tenant, 0)
+
+    def free_blocks(self) -> Dict[int, int]:
+        """Block size -> number of free blocks of that size."""
+        return self.allocator.free_block_counts()
+
+    def usage_by_cell(self, cells: int) -> List[int]:
+        """Used bytes in each of ``cells`` equal slices of the pool, from the free lists."""
+        if cells <= 0:
+            raise ValueError("cells must be positive")
+        capacity = self.capacity
+        bounds = [capacity * i // cells for i in range(cells + 1)]
+        used = [bounds[i + 1] - bounds[i] for i in range(cells)]
+        for start, size in self.allocator.free_runs():
+            end = start + size
+            cell = start * cells // capacity
+            while cell < cells and bounds[cell] < end:
+                used[cell] -= min(end, bounds[cell + 1]) - max(start, bounds[cell])
+                cell += 1
+        return used
+
+    def metadata_bytes(self) -> int:
+        """An estimate of the memory the bookkeeping takes, beside the pool itself."""
+        tables = (
+            self._ids,
+            self._tenants,
+            self._sizes,
+            self._offsets,
+            self._deadlines,
+            self._index,
+        )
+        dicts = (self._tenant_bytes, self._tenant_leases, self._pins, self._unpinned_frees)
+        return (
+            self.allocator.metadata_bytes()
+            + sum(sys.getsizeof(table) for table in tables)
+            + sum(sys.getsizeof(d) for d in dicts)
+        )
+
+    # Keeping it across a restart.
+
+    def save(self) -> None:
+        """With a state file: write the lease table beside the pool (a graceful stop).
+
+        Written to a temporary file, synced and renamed, so a table is whole or absent.
+        """
+        if self._table_path is None:
+            return
+        self.memory.flush()  # the bytes first: a table never speaks of unwritten data
+        shift = int(self._wall_clock() * 1000) - self._now()  # store time -> wall-clock ms
+        parts = [
+            _TABLE_HEADER.pack(
+                _TABLE_MAGIC,
+                _TABLE_VERSION,
+                self.capacity,
+                self._min_block,
+                self._now() + shift,
+                len(self._ids),
+            ),
+            _column_bytes("i", self._ids),
+            _column_bytes("q", self._tenants),
+            _column_bytes("q", self._sizes),
+            _column_bytes("q", self._offsets),
+            _column_bytes("q", (deadline + shift for deadline in self._deadlines)),
+        ]
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        parts.append(_TABLE_CRC.pack(crc))
+        temporary = self._table_path + ".tmp"
+        with open(temporary, "wb") as out:
+            for part in parts:
+                out.write(part)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self._table_path)
+        directory = os.open(os.path.dirname(os.path.abspath(self._table_path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._table_saved = True
+
+    def close(self) -> None:
+        """Unmap the pool."""
+        self._view.release()
+        self.memory.close()
+
+    # The lease table: parallel arrays in heap order of the deadline.
+
+    def _now(self) -> int:
+        return int((self._clock() - self._epoch) * 1000.0 + _SLACK_MS)
+
+    def _refusal(self, size: int, duration_ms: int, tenant: int, quota: int) -> int:
+        if size <= 0 or duration_ms <= 0:
+            return protocol.INVALID
+        if size > self.capacity:
+            return protocol.TOO_LARGE
+        block = 1 << self.allocator.order_for(size)
+        if quota > 0 and self._tenant_bytes.get(tenant, 0) + block > quota:
+            return protocol.NO_MEMORY
+        return protocol.OK
+
+    def _write_status(self, pos: int, offset: int, length: int) -> int:
+        size = self._sizes[pos]
+        if length > size:
+            return protocol.TOO_LARGE
+        if offset < 0 or length < 0 or offset + length > size:
+            return protocol.OUT_OF_RANGE
+        return protocol.OK
+
+    def _position(self, lease_id: int) -> int:
+        """The heap position of the lease, or -1."""
+        pos = self._index[lease_id & self._mask]
+        if 0 <= pos < len(self._ids) and self._ids[pos] == lease_id:
+            return pos
+        return -1
+
+    def _find(self, lease_id: int, tenant: int) -> int:
+        """The position of the tenant's lease, or -1: another tenant's lease is not found."""
+        pos = self._position(lease_id)
+        return pos if pos >= 0 and self._tenants[pos] == tenant else -1
+
+    def _live(self, lease_id: int, tenant: int) -> int:
+        """Like _find, but a lease whose deadline has passed is expired now and not found."""
+        pos = self._find(lease_id, tenant)
+        if pos >= 0 and self._deadlines[pos] <= self._now():
+            self._retire(pos)
+            self.counters["leases_expired"] += 1
+            return -1
+        return pos
+
+    def _new_id(self) -> int:
+        """A random id whose index slot is free, so ids never share a slot."""
+        while 2 * (len(self._ids) + 1) > len(self._index):
+            self._grow_index()
+        while True:
+            lease_id = secrets.randbelow(protocol.INT32_MAX) + 1
+            if not self._slot_taken(lease_id):
+                return lease_id
+
+    def _slot_taken(self, lease_id: int) -> bool:
+        """Whether a live lease's id has the same low bits as ``lease_id``."""
+        mask = self._mask
+        pos = self._index[lease_id & mask]
+        return 0 <= pos < len(self._ids) and self._ids[pos] & mask == lease_id & mask
+
+    def _grow_index(self) -> None:
+        """Double the index by a copy: each id keeps its slot, and the copy reads as empty."""
+        self._index = self._index * 2
+        self._mask = 2 * self._mask + 1
+
+    def _add(self, lease_id: int, tenant: int, size: int, offset: int, deadline: int) -> None:
+        self._table_changed()
+        self._ids.append(lease_id)
+        self._tenants = _appended(self._tenants, tenant)
+        self._sizes = _appended(self._sizes, size)
+        self._offsets.append(offset)
+        self._deadlines.append(deadline)
+        self._settle(len(self._ids) - 1, lease_id, tenant, size, offset, deadline)
+        block = 1 << self.allocator.order_for(size)
+        self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + block
+        self._tenant_leases[tenant] = self._tenant_leases.get(tenant, 0) + 1
+
+    def _retire(self, pos: int) -> None:
+        """Take the lease at ``pos`` out of the table and free its block (unless pinned)."""
+        if self._table_saved:
+            self._table_changed()
+        ids = self._ids
+        lease_id = ids[pos]
+        tenant = self._tenants[pos]
+        size = self._sizes[pos]
+        offset = self._offsets[pos]
+        self._index[lease_id & self._mask] = -1
+        last_id = ids.pop()
+        last_tenant = self._tenants.pop()
+        last_size = self._sizes.pop()
+        last_offset = self._offsets.pop()
+        last_deadline = self._deadlines.pop()
+        if pos < len(ids):
+            self._settle(pos, last_id, last_tenant, last_size, last_offset, last_deadline)
+        order = self.allocator.order_for(size)
+        block = 1 << order
+        leases = self._tenant_leases[tenant] - 1
+        if leases:
+            self._tenant_leases[tenant] = leases
+            self._tenant_bytes[tenant] -= block
+        else:
+            del self._tenant_bytes[tenant], self._tenant_leases[tenant]
+        if offset in self._pins:
+            self._unpinned_frees[offset] = order
+        else:
+            self._free_block(offset, order)
+
+    def _free_block(self, offset: int, order: int) -> None:
+        self.memory.zero(offset, 1 << order)
+        self.allocator.release(offset, order)
+
+    def _settle(
+        self, pos: int, lease_id: int, tenant: int, size: int, offset: int, deadline: int
+    ) -> None:
+        """Put a lease into the hole at ``pos``, moving it up or down into heap order."""
+        ids, tenants, sizes, offsets, deadlines = (
+            self._ids,
+            self._tenants,
+            self._sizes,
+            self._offsets,
+            self._deadlines,
+        )
+        index, mask = self._index, self._mask
+        start = pos
+        while pos:
+            parent = (pos - 1) >> 1
+            if deadlines[parent] <= deadline:
+                break
+            moved = ids[pos] = ids[parent]
+            tenants[pos] = tenants[parent]
+            sizes[pos] = sizes[parent]
+            offsets[pos] = offsets[parent]
+            deadlines[pos] = deadlines[parent]
+            index[moved & mask] = pos
+            pos = parent
+        if pos == start:
+            count = len(ids)
+            while True:
+                child = 2 * pos + 1
+                if child >= count:
+                    break
+                if child + 1 < count and deadlines[child + 1] < deadlines[child]:
+                    child += 1
+                if deadlines[child] >= deadline:
+                    break
+                moved = ids[pos] = ids[child]
+                tenants[pos] = tenants[child]
+                sizes[pos] = sizes[child]
+                offsets[pos] = offsets[child]
+                deadlines[pos] = deadlines[child]
+                index[moved & mask] = pos
+                pos = child
+        ids[pos] = lease_id
+        tenants[pos] = tenant
+        sizes[pos] = size
+        offsets[pos] = offset
+        deadlines[pos] = deadline
+        index[lease_id & mask] = pos
+
+    def _table_changed(self) -> None:
+        """A saved table no longer matches once the leases change: remove it."""
+        if self._table_saved and self._table_path is not None:
+            self._table_saved = False
+            _discard(self._table_path)
+
+    def _start_empty(self) -> None:
+        self.allocator = BuddyAllocator(self._pool_size, self._min_block)
+        self.capacity = self.allocator.capacity
+        self._ids = array("i")
+        self._tenants = array("b")  # narrow until a value needs more: see _appended
+        self._sizes = array("H")
+        self._offsets = array("I" if self.capacity < 1 << 32 else "Q")
+        self._deadlines = array("q")  # the heap's key
+        self._index = array("i", [-1]) * _FIRST_INDEX_SLOTS  # id & mask -> position
+        self._mask = _FIRST_INDEX_SLOTS - 1
+        self._tenant_bytes = {}
+        self._tenant_leases = {}
+
+    def _restore(self, state_file: str) -> str:
+        """Take back the saved leases that have time left; on any doubt start empty.
+
+        Returns the line that says which it was.  The table is removed as it is read, so
+        a later crash can never bring back leases that changed after it was written.
+        """
+        assert isinstance(self.memory, FilePoolMemory) and self._table_path is not None
+        wall_now = int(self._wall_clock() * 1000)
+        try:
+            columns = self._read_table(self._table_path, self.memory.found_size, wall_now)
+            expired = self._take_back(columns, wall_now)
+        except _CleanStart as doubt:
+            self._start_empty()
+            self.memory.wipe()
+            return "clean start with an empty pool: %s" % doubt
+        for offset, size in self.allocator.free_runs():
+            self.memory.zero(offset, size)  # no byte outside a lease survives
+        for size, offset in zip(self._sizes, self._offsets):
+            block = 1 << self.allocator.order_for(size)
+            if block > size:
+                self.memory.zero(offset + size, block - size)
+        return "restored %d leases from %s (%d more had expired while it was stopped)" % (
+            len(self._ids),
+            state_file,
+            expired,
+        )
+
+    def _read_table(self, path: str, pool_file_size: int, wall_now: int) -> "List[array[int]]":
+        try:
+            with open(path, "rb") as saved:
+                data = saved.read()
+        except FileNotFoundError:
+            raise _CleanStart(
+                "no saved lease table (a first start, or the server did not stop cleanly)"
+            ) from None
+        except OSError as exc:
+            raise _CleanStart("cannot read the lease table: %s" % exc.strerror) from None
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise _CleanStart("cannot remove the lease table: %s" % exc.strerror) from None
+        if len(data) < _TABLE_HEADER.size + _TABLE_CRC.size or data[:8] != _TABLE_MAGIC:
+            raise _CleanStart("the lease table is not one (too short, or a wrong magic number)")
+        _, version, pool, min_block, saved_at, count = _TABLE_HEADER.unpack_from(data)
+        if version != _TABLE_VERSION:
+            raise _CleanStart(
+                "the lease table has version %d, this server reads version %d"
+                % (version, _TABLE_VERSION)
+            )
+        size = _TABLE_HEADER.size + count * _TABLE_BYTES_PER_LEASE + _TABLE_CRC.size
+        if len(data) != size:
+            raise _CleanStart("the lease table is %d bytes, not %d" % (len(data), size))
+        view = memoryview(data)
+        if _TABLE_CRC.unpack_from(data, size - _TABLE_CRC.size)[0] != zlib.crc32(view[:-4]):
+            raise _CleanStart("the lease table fails its checksum")
+        if (pool, min_block) != (self.capacity, self._min_block):
+            raise _CleanStart(
+                "the pool changed (saved: %d bytes in blocks of %d, now %d in blocks of %d)"
+                % (pool, min_block, self.capacity, self._min_block)
+            )
+        if pool_file_size != self.capacity:
+            raise _CleanStart(
+                "the pool file is %d bytes, not %d" % (pool_file_size, self.capacity)
+            )
+        if saved_at > wall_now:
+            raise _CleanStart(
+                "the wall clock went backwards (the table was saved %.3f s in the future)"
+                % ((saved_at - wall_now) / 1000)
+            )
+        columns = []
+        start = _TABLE_HEADER.size
+        for typecode in _TABLE_COLUMNS:
+            end = start + count * array(typecode).itemsize
+            columns.append(_column(typecode, view[start:end]))
+            start = end
+        return columns
+
+    def _take_back(self, columns: "List[array[int]]", wall_now: int) -> int:
+        """Put each saved lease with time left back in its own block; returns the expired."""
+        now = self._now()
+        expired = 0
+        for lease_id, tenant, size, offset, deadline in zip(*columns):
+            if deadline <= wall_now:
+                expired += 1
+                continue
+            if not (0 < lease_id <= protocol.INT32_MAX and 0 < size <= self.capacity):
+                raise _CleanStart("the lease table holds an impossible lease")
+            if self._position(lease_id) >= 0:
+                raise _CleanStart("the lease table holds lease %d twice" % lease_id)
+            if not self.allocator.claim(offset, self.allocator.order_for(size)):
+                raise _CleanStart("saved leases overlap, or lie outside the pool")
+            while self._slot_taken(lease_id):
+                self._grow_index()  # saved ids were apart in a larger index
+            self._add(lease_id, tenant, size, offset, now + deadline - wall_now)
+        return expired
+
+    def _freeze(self) -> None:
+        gc.collect(1)  # young garbage first, so no garbage cycle is frozen with the rest
+        gc.freeze()
+        self._frozen_at = self.allocator.nodes_made

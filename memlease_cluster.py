@@ -1,0 +1,384 @@
+"""Several MemoryLease servers used as one, placed from the client side.
+
+cluster = MemLeaseCluster(["a:412", "b:412", "c:412"])
+handle = cluster.lease(1024, 5000)      # LeaseHandle; str(handle) == "b:412/123"
+cluster.set(handle, b"hello")
+cluster.get("b:412/123")                # a handle or its text
+
+The server chooses lease ids, so no key can be hashed to a server: each new lease is
+placed (two random live servers, the one with more free bytes) and its handle carries
+the server.  A server that fails is marked down for ``dead_timeout`` seconds: new leases
+go elsewhere and calls on its leases fail at once, then it is tried again.
+docs/scaling.md explains the choices.
+"""
+
+import random
+import ssl
+import threading
+import time
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
+
+from memlease_client import (
+    DEFAULT_DURATION_MS,
+    DEFAULT_PORT,
+    Call,
+    InvalidArgument,
+    MemLeaseClient,
+    MemLeaseConnectionError,
+    MemLeaseError,
+    OutOfMemory,
+    TooLarge,
+    address_text,
+    get_call,
+    lease_call,
+    raise_first_error,
+    release_call,
+    renew_call,
+    set_call,
+    stats_call,
+)
+
+DEFAULT_DEAD_TIMEOUT = 10.0
+DEFAULT_STATS_INTERVAL = 1.0
+# Counters whose cluster value is the largest server's, not the sum.
+_LARGEST_NOT_SUM = frozenset({"uptime"})
+
+
+class LeaseHandle(NamedTuple):
+    """A lease and the server that holds it; its text is ``host:port/id``."""
+
+    server: str
+    lease_id: int
+
+    def __str__(self) -> str:
+        return "%s/%d" % (self.server, self.lease_id)
+
+
+Handle = Union[LeaseHandle, str]
+
+
+def parse_server(text: str) -> Tuple[str, int]:
+    """``host[:port]`` (IPv6 in brackets, ``[::1]:412``; a bare IPv6 address takes port 412)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise InvalidArgument("server %r: an IPv6 address is written [::1]:412" % text)
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise InvalidArgument("server %r has no host" % text)
+    if not port_text:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidArgument("server %r: the port must be a number from 1 to 65535" % text)
+    return host, int(port_text)
+
+
+def parse_servers(text: str) -> List[str]:
+    """A comma-separated ``host[:port]`` list as server names: "a,b:413" -> ["a:412", "b:413"]."""
+    names = [address_text(*parse_server(item)) for item in text.split(",")]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("a server is listed twice in %r" % text)
+    return names
+
+
+def parse_handle(text: str) -> LeaseHandle:
+    """``host:port/id`` back into a LeaseHandle."""
+    server, slash, id_text = text.strip().rpartition("/")
+    if not slash or not id_text.isdigit() or not 0 < int(id_text) < 2**31:
+        raise InvalidArgument("lease handle %r is not host:port/ID, e.g. a:412/123" % text)
+    return LeaseHandle(address_text(*parse_server(server)), int(id_text))
+
+
+class ClusterStats(NamedTuple):
+    """Counters summed over the servers that answered, each one's, and those down."""
+
+    total: Dict[str, int]
+    servers: Dict[str, Dict[str, int]]
+    down: Dict[str, str]  # server: why
+
+
+class _Server:
+    """One server: its client, whether it is down, and its free bytes as last seen."""
+
+    def __init__(self, name: str, client: MemLeaseClient) -> None:
+        self.name = name
+        self.client = client
+        self.down_until = 0.0
+        self.down_reason = ""
+        self.free_bytes = 0
+        self.stats_at = -float("inf")
+
+
+class MemLeaseCluster:
+    """Several servers used as one; shared by threads as safely as MemLeaseClient.
+
+    Every method takes a LeaseHandle or its text.  ``lease`` raises OutOfMemory when no
+    live server can hold the lease, MemLeaseConnectionError when none is reachable.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        timeout: Optional[float] = 5.0,
+        token: Optional[Union[str, bytes]] = None,
+        tls: Union[bool, ssl.SSLContext, None] = None,
+        dead_timeout: float = DEFAULT_DEAD_TIMEOUT,
+        stats_interval: float = DEFAULT_STATS_INTERVAL,
+    ) -> None:
+        if isinstance(servers, str):
+            raise TypeError("servers must be a sequence of 'host:port'; see parse_servers()")
+        names = parse_servers(",".join(servers))
+        for name, value in (("dead_timeout", dead_timeout), ("stats_interval", stats_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise InvalidArgument("%s must be a number of seconds >= 0" % name)
+        self._servers: Dict[str, _Server] = {}
+        for name in names:
+            host, port = parse_server(name)
+            client = MemLeaseClient(host, port, timeout=timeout, token=token, tls=tls)
+            self._servers[name] = _Server(name, client)
+        self.dead_timeout = dead_timeout
+        self.stats_interval = stats_interval
+        self._random = random.Random()
+        self._lock = threading.Lock()  # guards the free-bytes estimates and down marks
+
+    def __enter__(self) -> "MemLeaseCluster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.client.close()
+
+    @property
+    def servers(self) -> List[str]:
+        return list(self._servers)
+
+    def lease(self, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> LeaseHandle:
+        """Lease ``size`` bytes on the best of two live servers, else on any that can."""
+        call = lease_call(size, duration_ms)
+        refusal: Optional[MemLeaseError] = None
+        for server in self._placement():
+            try:
+                result = self._on(server, [call])[0]
+            except MemLeaseConnectionError:
+                continue
+            if isinstance(result, (OutOfMemory, TooLarge)):
+                refusal = result
+                continue
+            if isinstance(result, MemLeaseError):
+                raise result
+            self._note_leased(server, size)
+            return LeaseHandle(server.name, result)
+        if refusal is None:
+            raise MemLeaseConnectionError("no server is up: %s" % self._down_text())
+        raise OutOfMemory(
+            "no live server can hold a lease of %d bytes (last refusal: %s)" % (size, refusal),
+            refusal.status,
+        )
+
+    def set(self, handle: Handle, data: bytes, offset: int = 0, truncate: bool = False) -> None:
+        """Write ``data`` at ``offset`` of the lease; see MemLeaseClient.set."""
+        server, lease_id = self._locate(handle)
+        self._one(server, set_call(lease_id, data, offset, truncate))
+
+    def get(self, handle: Handle, offset: int = 0, length: Optional[int] = None) -> bytes:
+        """The lease's bytes; see MemLeaseClient.get."""
+        server, lease_id = self._locate(handle)
+        return cast(bytes, self._one(server, get_call(lease_id, offset, length)))
+
+    def renew(self, handle: Handle, duration_ms: int) -> None:
+        server, lease_id = self._locate(handle)
+        self._one(server, renew_call(lease_id, duration_ms))
+
+    def release(self, handle: Handle) -> None:
+        server, lease_id = self._locate(handle)
+        self._one(server, release_call(lease_id))
+
+    def stats(self) -> ClusterStats:
+        """Every live server's counters, and their sums; a server that fails is marked down."""
+        each: Dict[str, Dict[str, int]] = {}
+        for server in self._servers.values():
+            try:
+                each[server.name] = self._refresh(server)
+            except MemLeaseConnectionError:
+                continue
+        total: Dict[str, int] = {}
+        for counters in each.values():
+            for name, value in counters.items():
+                combine = max if name in _LARGEST_NOT_SUM else int.__add__
+                total[name] = combine(total[name], value) if name in total else value
+        down = {s.name: s.down_reason for s in self._servers.values() if s.name not in each}
+        return ClusterStats(total, each, down)
+
+    def pipeline(self) -> "ClusterPipeline":
+        """Calls sent together, one batch per server; results in call order."""
+        return ClusterPipeline(self)
+
+    def _locate(self, handle: Handle) -> Tuple[_Server, int]:
+        if isinstance(handle, str):
+            handle = parse_handle(handle)
+        elif not isinstance(handle, LeaseHandle):
+            raise TypeError(
+                "a lease is named by a LeaseHandle or its text 'host:port/ID', not %s"
+                % type(handle).__name__
+            )
+        server = self._servers.get(handle.server)
+        if server is None:
+            raise InvalidArgument(
+                "lease %s is on %s, which is not one of this cluster's servers (%s)"
+                % (handle, handle.server, ", ".join(self._servers))
+            )
+        return server, handle.lease_id
+
+    def _one(self, server: _Server, call: Call) -> Any:
+        result = self._on(server, [call])[0]
+        if isinstance(result, MemLeaseError):
+            raise result
+        return result
+
+    def _on(self, server: _Server, calls: Sequence[Call]) -> List[Any]:
+        """The calls' results from one server; fails at once while it is marked down."""
+        now = time.monotonic()
+        if now < server.down_until:
+            raise MemLeaseConnectionError(
+                "%s is marked down for %.1fs more: %s"
+                % (server.name, server.down_until - now, server.down_reason)
+            )
+        try:
+            return server.client._request(calls)
+        except MemLeaseConnectionError as exc:
+            with self._lock:
+                server.down_until = time.monotonic() + self.dead_timeout
+                server.down_reason = str(exc)
+            raise
+
+    def _live(self) -> List[_Server]:
+        now = time.monotonic()
+        return [server for server in self._servers.values() if now >= server.down_until]
+
+    def _placement(self) -> Iterator[_Server]:
+        """Servers to try for a new lease: the better of two random ones, the other, the rest
+        by free bytes.  Free bytes come from stats at most ``stats_interval`` old."""
+        live = self._live()
+        pair = [s for s in self._random.sample(live, min(2, len(live))) if self._stats_fresh(s)]
+        pair.sort(key=lambda server: server.free_bytes, reverse=True)
+        rest = sorted(
+            (server for server in live if server not in pair),
+            key=lambda server: server.free_bytes,
+            reverse=True,
+        )
+        for server in pair + rest:
+            if time.monotonic() >= server.down_until:
+                yield server
+
+    def _stats_fresh(self, server: _Server) -> bool:
+        """Refresh the server's stats if stale; False if it failed to answer."""
+        if time.monotonic() - server.stats_at >= self.stats_interval:
+            try:
+                self._refresh(server)
+            except MemLeaseConnectionError:
+                return False
+        return True
+
+    def _refresh(self, server: _Server) -> Dict[str, int]:
+        stats = cast(Dict[str, int], self._one(server, stats_call()))
+        with self._lock:
+            server.free_bytes = stats.get("free_bytes", 0)
+            server.stats_at = time.monotonic()
+        return stats
+
+    def _note_leased(self, server: _Server, size: int) -> None:
+        """Count a new lease against the server's free bytes until its next stats."""
+        with self._lock:
+            server.free_bytes -= size
+
+    def _down_text(self) -> str:
+        return "; ".join(
+            "%s (%s)" % (server.name, server.down_reason) for server in self._servers.values()
+        )
+
+
+class ClusterPipeline:
+    """Cluster calls sent by ``execute()`` as one pipeline per server.
+
+    A lease is placed on the better of two servers when ``execute()`` runs; a refusal is
+    its result (there is no second try inside a pipeline).  Results come in call order: a
+    failed call's is its MemLeaseError, or with ``raise_on_error`` the first one is raised
+    once every server has answered.
+    """
+
+    def __init__(self, cluster: MemLeaseCluster) -> None:
+        self._cluster = cluster
+        self._queued: List[Tuple[Optional[_Server], Call]] = []  # None: a lease, not placed yet
+
+    def __enter__(self) -> "ClusterPipeline":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queued.clear()
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def lease(self, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> "ClusterPipeline":
+        self._queued.append((None, lease_call(size, duration_ms)))
+        return self
+
+    def set(
+        self, handle: Handle, data: bytes, offset: int = 0, truncate: bool = False
+    ) -> "ClusterPipeline":
+        server, lease_id = self._cluster._locate(handle)
+        self._queued.append((server, set_call(lease_id, data, offset, truncate)))
+        return self
+
+    def get(
+        self, handle: Handle, offset: int = 0, length: Optional[int] = None
+    ) -> "ClusterPipeline":
+        server, lease_id = self._cluster._locate(handle)
+        self._queued.append((server, get_call(lease_id, offset, length)))
+        return self
+
+    def renew(self, handle: Handle, duration_ms: int) -> "ClusterPipeline":
+        server, lease_id = self._cluster._locate(handle)
+        self._queued.append((server, renew_call(lease_id, duration_ms)))
+        return self
+
+    def release(self, handle: Handle) -> "ClusterPipeline":
+        server, lease_id = self._cluster._locate(handle)
+        self._queued.append((server, release_call(lease_id)))
+        return self
+
+    def execute(self, raise_on_error: bool = True) -> List[Any]:
+        queued, self._queued = self._queued, []
+        cluster = self._cluster
+        batches: Dict[str, List[int]] = {}
+        placed: List[_Server] = []
+        for index, (server, call) in enumerate(queued):
+            if server is None:
+                server = next(cluster._placement(), None)
+                if server is None:
+                    raise MemLeaseConnectionError("no server is up: %s" % cluster._down_text())
+                cluster._note_leased(server, call.request.size)  # type: ignore[union-attr]
+            placed.append(server)
+            batches.setdefault(server.name, []).append(index)
+        results: List[Any] = [None] * len(queued)
+        for indexes in batches.values():
+            server = placed[indexes[0]]
+            try:
+                answers = cluster._on(server, [queued[index][1] for index in indexes])
+            except MemLeaseConnectionError as exc:
+                answers = [exc] * len(indexes)
+            for index, answer in zip(indexes, answers):
+                leased = queued[index][0] is None and not isinstance(answer, MemLeaseError)
+                results[index] = LeaseHandle(server.name, answer) if leased else answer
+        if raise_on_error:
+            raise_first_error(results)
+        return results

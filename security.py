@@ -1,0 +1,439 @@
+"""What keeps a server started with sudo safe to expose: tenants, limits, TLS and dropping root.
+
+Each part answers one attack on a server that parses bytes from the network:
+
+- :class:`Tenants` -- who may connect, and as whom: a lease is seen only by its tenant.
+- :class:`AllowList` -- with no token at all, only these peers are served (protected mode).
+- :class:`RateLimiter` -- so many events a minute per source, in a bounded table: token
+  guessing and lease-id guessing get slow.
+- :class:`LogLimiter` -- one peer cannot flood the log: repeats become "N more suppressed".
+- :func:`server_tls_context` and :func:`drop_privileges` -- encryption, and no root while serving.
+"""
+
+import argparse
+import collections
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import pwd
+import ssl
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+from units import parse_size
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+LOOPBACK = "127.0.0.0/8,::1"
+AUTH_FAILURES_PER_MINUTE = 10  # wrong tokens a source may try before it is refused unheard
+GUESSING_CLOSES_PER_MINUTE = 10  # connections closed for guessing ids before a source waits
+GUESS_MIN_MISSES = 100  # lease-id misses a connection may have before its ratio is judged
+GUESS_MISS_PERCENT = 90  # misses above this share of its requests mean it is guessing
+LIMITER_KEYS = 4096  # sources a rate limiter tracks; more share one budget
+
+
+# Tenants.
+
+
+class Tenant(NamedTuple):
+    name: str
+    number: int  # the store's tenant number, from 1
+    max_bytes: int  # 0: no quota
+    digest: bytes  # SHA-256 of the token: equal lengths make the comparison constant-time
+
+
+class Tenants:
+    """The tokens a server accepts, each naming the tenant whose leases it reaches."""
+
+    def __init__(self, tenants: Sequence[Tuple[str, bytes, int]]) -> None:
+        if not tenants:
+            raise ValueError("no tenant is defined")
+        self._tenants: List[Tenant] = []
+        names = set()
+        digests = set()
+        for index, (name, token, max_bytes) in enumerate(tenants, 1):
+            digest = _digest(token)
+            if name in names:
+                raise ValueError("tenant %r is defined twice" % name)
+            if digest in digests:
+                raise ValueError("tenant %r has the token of another tenant" % name)
+            names.add(name)
+            digests.add(digest)
+            self._tenants.append(Tenant(name, index, max_bytes, digest))
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "Tenants":
+        """Lines ``NAME TOKEN [MAX_BYTES]``, or a lone token: one tenant, as before tenants.
+
+        ``#`` starts a comment line; blank lines are skipped.  Tokens hold no whitespace.
+        """
+        lines = [
+            (number, line.split())
+            for number, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        if not lines:
+            raise ValueError("%s holds no token" % source)
+        if len(lines) == 1 and len(lines[0][1]) == 1:
+            return cls.single(lines[0][1][0].encode())
+        tenants = []
+        for number, fields in lines:
+            if not 2 <= len(fields) <= 3:
+                raise ValueError("%s line %d: expected NAME TOKEN [MAX_BYTES]" % (source, number))
+            try:
+                max_bytes = parse_size(fields[2]) if len(fields) == 3 else 0
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError("%s line %d: %s" % (source, number, exc)) from None
+            tenants.append((fields[0], fields[1].encode(), max_bytes))
+        try:
+            return cls(tenants)
+        except ValueError as exc:
+            raise ValueError("%s: %s" % (source, exc)) from None
+
+    @classmethod
+    def single(cls, token: bytes) -> "Tenants":
+        """The one shared token of a server without a tenant file."""
+        return cls([("default", token, 0)])
+
+    def authenticate(self, token: bytes) -> Optional[int]:
+        """The index of the tenant whose token this is, or None.
+
+        Every tenant's digest is compared, whichever matches, so the time taken tells
+        nothing about which tenant (or how much of a token) was close.
+        """
+        digest = _digest(token)
+        found = None
+        for tenant in self._tenants:
+            if hmac.compare_digest(digest, tenant.digest):
+                found = tenant.number
+        return found
+
+    def quota(self, index: int) -> int:
+        """The most block bytes tenant ``index`` may hold at once; 0 means no limit."""
+        return self._tenants[index - 1].max_bytes if 0 < index <= len(self._tenants) else 0
+
+    def name(self, index: int) -> str:
+        return self._tenants[index - 1].name if 0 < index <= len(self._tenants) else "-"
+
+    def __len__(self) -> int:
+        return len(self._tenants)
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenants]:
+    """The tenants of ``--token-file``, else the one token of $MEMLEASE_TOKEN, else None.
+
+    Raises OSError or ValueError with a message fit for one line.
+    """
+    if path is None:
+        token = environ.get("MEMLEASE_TOKEN", "")
+        return Tenants.single(token.encode()) if token else None
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ValueError("the token file %s is not UTF-8 text" % path) from None
+    return Tenants.parse(text, "the token file %s" % path)
+
+
+# Sources and the allow list.
+
+
+def source_of(peer: object) -> str:
+    """The key limits count by: the host of a peer (an IPv6 /64), without its port.
+
+    A peer is an accepted socket's address, or an object with an ``address`` attribute
+    holding one (the server's Peer); anything else counts by its text.
+    """
+    address = getattr(peer, "address", peer)
+    if not isinstance(address, tuple):
+        return str(address)
+    ip = _ip(address[0])
+    if ip is None:
+        return str(address[0])
+    if ip.version == 6:
+        return str(ipaddress.ip_network("%s/64" % ip, strict=False))
+    return str(ip)
+
+
+def _ip(host: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The address of ``host``; an IPv4-mapped IPv6 address as the IPv4 address it is."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class AllowList:
+    """The networks a server without a token serves (protected mode)."""
+
+    def __init__(self, networks: Sequence[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+
+    @classmethod
+    def parse(cls, text: str) -> "AllowList":
+        """``CIDR[,CIDR...]``; raises ValueError naming the part that is not a network."""
+        networks = []
+        for part in text.split(","):
+            try:
+                networks.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ValueError("%r is not an address or a network (CIDR)" % part) from None
+        return cls(networks)
+
+    def allows(self, address: object) -> bool:
+        """Whether the peer at ``address`` (from accept) may be served; local sockets may."""
+        if not isinstance(address, tuple):
+            return True
+        ip = _ip(address[0])
+        return ip is not None and any(ip in network for network in self.networks)
+
+    def __str__(self) -> str:
+        return ",".join(str(network) for network in self.networks)
+
+
+# Rate limits.
+
+
+class RateLimiter:
+    """``limit`` events per ``period`` seconds per key, as a token bucket per key.
+
+    The table holds at most ``max_keys`` keys; a full bucket is as good as no entry and is
+    dropped to make room.  If the table is still full, new keys share one bucket, so an
+    attacker with many addresses is limited as a whole instead of growing our memory.
+    """
+
+    SHARED = "(others)"
+
+    def __init__(
+        self,
+        limit: int,
+        period: float = 60.0,
+        *,
+        max_keys: int = LIMITER_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.rate = limit / period
+        self.max_keys = max_keys
+        self.clock = clock
+        self._buckets: Dict[str, Tuple[float, float]] = {}  # key -> (tokens, as of when)
+
+    def allowed(self, key: str) -> bool:
+        """Whether one more event from ``key`` is within its limit (nothing is used up)."""
+        return self._tokens(self._key(key), self.clock()) >= 1.0
+
+    def take(self, key: str) -> bool:
+        """Count one event from ``key``; False when it was over the limit."""
+        key = self._key(key)
+        now = self.clock()
+        tokens = self._tokens(key, now)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return True
+        self._buckets[key] = (tokens, now)
+        return False
+
+    def _tokens(self, key: str, now: float) -> float:
+        entry = self._buckets.get(key)
+        if entry is None:
+            return float(self.limit)
+        tokens, when = entry
+        return min(self.limit, tokens + (now - when) * self.rate)
+
+    def _key(self, key: str) -> str:
+        buckets = self._buckets
+        if key in buckets or len(buckets) < self.max_keys:
+            return key
+        now = self.clock()
+        for old in [k for k in buckets if self._tokens(k, now) >= self.limit]:
+            del buckets[old]
+        return key if len(buckets) < self.max_keys else self.SHARED
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def guessing(misses: int, requests: int) -> bool:
+    """Whether a connection's lease-id misses dominate its traffic: it is guessing ids.
+
+    An honest client misses too (its lease expired), so only a run of misses that is
+    most of what the connection does counts.
+    """
+    return misses >= GUESS_MIN_MISSES and misses * 100 > requests * GUESS_MISS_PERCENT
+
+
+class LogLimiter:
+    """At most ``burst`` warnings of one kind from one source per ``period`` seconds.
+
+    What is held back is counted and reported as one "N more suppressed" line: with the
+    next warning of that kind and source after its period, or by ``flush()`` with any
+    warning once the period is over.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = 3,
+        period: float = 60.0,
+        max_keys: int = LIMITER_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.period = period
+        self.max_keys = max_keys
+        self.clock = clock
+        # (kind, source) -> [window start, lines logged, lines suppressed], oldest first.
+        self._windows: collections.OrderedDict[Tuple[str, str], List[float]] = (
+            collections.OrderedDict()
+        )
+        self.suppressed = 0  # in all, for the stats
+
+    def warning(self, kind: str, source: str, message: str, *args: object) -> bool:
+        """Log ``message % args`` unless over the limit; True if it was logged."""
+        now = self.clock()
+        self.flush(now)
+        key = (kind, source)
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= self.max_keys:
+                self._report(*self._windows.popitem(last=False))
+            window = self._windows[key] = [now, 0, 0]
+        if window[1] >= self.burst:
+            window[2] += 1
+            self.suppressed += 1
+            return False
+        window[1] += 1
+        self.logger.warning(message, *args)
+        return True
+
+    def flush(self, now: Optional[float] = None) -> None:
+        """Report and forget the windows whose period is over."""
+        if now is None:
+            now = self.clock()
+        windows = self._windows
+        while windows:
+            key, window = next(iter(windows.items()))
+            if now - window[0] < self.period:
+                break
+            del windows[key]
+            self._report(key, window)
+
+    def _report(self, key: Tuple[str, str], window: List[float]) -> None:
+        if window[2]:
+            source = " from %s" % key[1] if key[1] else ""
+            self.logger.warning(
+                "%d more %s warnings%s suppressed in %gs", window[2], key[0], source, self.period
+            )
+
+
+# TLS.
+
+
+def server_tls_context(
+    cert_file: str, key_file: Optional[str] = None, ca_file: Optional[str] = None
+) -> ssl.SSLContext:
+    """A server context: TLS 1.2 at least; with ``ca_file``, clients must show a certificate.
+
+    Raises ValueError with a one-line message when a file cannot be used.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError("cannot use the TLS files: %s" % (exc.strerror or exc)) from None
+    return context
+
+
+# Privileges.
+
+
+def resolve_user(name: Optional[str]) -> Optional[pwd.struct_passwd]:
+    """The account to run as: ``--user NAME``, or ``nobody`` when started as root.
+
+    None when there is nothing to switch to (not root, and no --user).  Raises ValueError
+    naming an account that does not exist.
+    """
+    if name is None and os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(name or "nobody")
+    except KeyError:
+        raise ValueError("no such user: %r (choose one with --user)" % (name or "nobody")) from None
+
+
+def _switching(account: Optional[pwd.struct_passwd]) -> bool:
+    return account is not None and os.geteuid() == 0 and account.pw_uid != 0
+
+
+def check_writable(account: Optional[pwd.struct_passwd], path: str) -> None:
+    """Make sure ``account`` will be able to replace ``path`` after the drop (a state file
+    saved at stop), so a misconfiguration is refused at start, not found at the last save.
+
+    Checked as the account for a moment (effective ids; root's are restored); raises
+    PermissionError.
+    """
+    if account is None or not _switching(account):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.setgroups([])  # dropped for good later anyway
+    os.setegid(account.pw_gid)
+    os.seteuid(account.pw_uid)
+    try:
+        allowed = os.access(directory, os.W_OK | os.X_OK, effective_ids=True)
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    if not allowed:
+        raise PermissionError(
+            "user %s cannot write in %s, where the state is saved: give it the directory, "
+            "or choose --user" % (account.pw_name, directory)
+        )
+
+
+def drop_privileges(
+    account: Optional[pwd.struct_passwd], owned: Sequence[str], logger: logging.Logger
+) -> None:
+    """Become ``account`` for good if running as root: its group, no supplementary groups.
+
+    ``owned`` are files the server keeps writing after the drop: they are given to it.
+    """
+    if account is None:
+        return
+    if os.geteuid() != 0:
+        if account.pw_uid != os.geteuid():
+            logger.warning("not started as root: --user %s ignored", account.pw_name)
+        return
+    if account.pw_uid == 0:
+        logger.warning(
+            "running as root (--user %s): a flaw would give away the host", account.pw_name
+        )
+        return
+    for path in owned:
+        if os.path.exists(path):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    os.setgroups([])
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - a kernel that lets us back would make the drop worthless
+        raise RuntimeError("could not drop root: setuid(0) still works")
+    logger.info("running as user %s (uid %d, gid %d)", account.pw_name, os.getuid(), os.getgid())

@@ -1,0 +1,646 @@
+"""Tests of the buddy allocator and the lease store, against simple models of both.
+
+The store is driven with a fake clock, so every expiry is exact and nothing is timed.
+"""
+
+import gc
+import os
+import struct
+import zlib
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import lease_store
+import protocol
+from buddy import Block, BuddyAllocator, FreeBlock, SplitBlock
+from lease_store import LeaseStore
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+class FakeClock:
+    """A clock that moves only when told."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _nodes(allocator: BuddyAllocator) -> Iterator[Block]:
+    stack = list(allocator.roots)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, SplitBlock):
+            assert node.left.parent is node and node.right.parent is node
+            stack += [node.left, node.right]
+
+
+# The allocator against a model: a list of the blocks handed out.
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocator = BuddyAllocator(4096 + 1024 + 64)
+        self.live: List[Tuple[int, int]] = []  # (offset, order)
+
+    @rule(size=st.integers(1, 4096))
+    def alloc(self, size: int) -> None:
+        order = self.allocator.order_for(size)
+        largest = self.allocator.largest_free
+        offset = self.allocator.take(order)
+        if offset < 0:
+            assert largest < 1 << order
+            return
+        assert offset % (1 << order) == 0 and offset + (1 << order) <= self.allocator.capacity
+        self.live.append((offset, order))
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        offset, order = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
+        self.allocator.release(offset, order)
+
+    @rule(offset=st.integers(0, 5200).map(lambda n: n & ~31), size=st.integers(1, 2048))
+    def claim(self, offset: int, size: int) -> None:
+        order = self.allocator.order_for(size)
+        end = offset + (1 << order)
+        fits = offset % (1 << order) == 0 and end <= self.allocator.capacity
+        overlaps = any(o < end and offset < o + (1 << k) for o, k in self.live)
+        # Non-power-of-two pools have roots: a block may not straddle two of them.
+        straddles = offset < 4096 < end or offset < 5120 < end
+        claimed = self.allocator.claim(offset, order)
+        assert claimed == (fits and not overlaps and not straddles)
+        if claimed:
+            self.live.append((offset, order))
+
+    @invariant()
+    def blocks_are_sound(self) -> None:
+        spans = sorted((o, o + (1 << k)) for o, k in self.live)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "blocks overlap"
+        used = sum(1 << k for _, k in self.live)
+        assert self.allocator.free_bytes == self.allocator.capacity - used
+        free_runs = sorted(self.allocator.free_runs())
+        assert sum(size for _, size in free_runs) == self.allocator.free_bytes
+        leaves = {n.place() for n in _nodes(self.allocator) if n.allocated}
+        assert leaves == set(self.live)
+
+    def teardown(self) -> None:
+        for offset, order in self.live:
+            self.allocator.release(offset, order)
+        assert self.allocator.free_bytes == self.allocator.capacity
+        for root in self.allocator.roots:
+            assert isinstance(root, FreeBlock) and root.left is None
+        assert self.allocator.split_blocks == 0
+
+
+TestAllocatorModel = AllocatorMachine.TestCase
+TestAllocatorModel.settings = PROPERTY
+
+
+def test_a_released_block_merges_and_its_old_node_refuses_a_second_free():
+    allocator = BuddyAllocator(1024)
+    block = allocator.alloc(100)
+    assert block is not None and block.size == 128 and block.parent is not None
+    allocator.free(block)
+    with pytest.raises(ValueError):
+        allocator.free(block)
+    with pytest.raises(ValueError):
+        allocator.release(0, allocator.order_for(100))
+    assert allocator.roots[0].size == 1024 and allocator.split_blocks == 0
+
+
+def test_dropped_nodes_leave_no_cycles_for_the_collector():
+    store = LeaseStore(1 << 16)
+    gc.collect()  # other tests' dropped stores
+    gc.disable()
+    try:
+        kept = store.lease(32, 60_000)
+        for _ in range(500):
+            store.release(store.lease(32, 60_000))
+        blocks = [o for o in gc.get_objects() if isinstance(o, Block)]
+        in_tree = list(_nodes(store.allocator))
+        assert len(blocks) == len(in_tree) == 2 * 11 + 1  # a path of 11 splits down to 32 bytes
+        del blocks, in_tree
+        store.release(kept)
+        assert [o for o in gc.get_objects() if isinstance(o, Block)] == store.allocator.roots
+    finally:
+        gc.enable()
+        store.close()
+
+
+# The store against a model: a dict of the live leases and their bytes.
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.store = LeaseStore(8192, clock=self.clock)
+        self.leases: Dict[int, Tuple[int, int, int, bytearray]] = {}  # id: tenant, size, ms
+        self.started = self.clock.now
+        self.gone: List[int] = []
+
+    def now_ms(self) -> int:
+        return round((self.clock.now - self.started) * 1000)
+
+    def expire_model(self) -> None:
+        for lease_id, (_, _, deadline, _) in list(self.leases.items()):
+            if deadline <= self.now_ms():
+                del self.leases[lease_id]
+                self.gone.append(lease_id)
+
+    @rule(size=st.integers(1, 3000), ms=st.integers(1, 50), tenant=st.integers(0, 2))
+    def lease(self, size: int, ms: int, tenant: int) -> None:
+        self.expire_model()
+        free_before = self.store.allocator.largest_free
+        lease_id = self.store.lease(size, ms, tenant)
+        if lease_id < 0:
+            assert lease_id == protocol.NO_MEMORY
+            # Expired leases the store has not reaped yet may still hold their blocks.
+            assert free_before < size or self.store.stats()["live_leases"] > len(self.leases)
+            return
+        assert 0 < lease_id <= protocol.INT32_MAX and lease_id not in self.leases
+        self.leases[lease_id] = (tenant, size, self.now_ms() + ms, bytearray(size))
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data(), payload=st.binary(min_size=1, max_size=64))
+    def write(self, data: st.DataObject, payload: bytes) -> None:
+        lease_id = data.draw(st.sampled_from(list(self.leases)))
+        tenant, size, deadline, content = self.leases[lease_id]
+        offset = data.draw(st.integers(0, size))
+        status = self.store.write(lease_id, offset, payload, tenant)
+        if deadline <= self.now_ms():
+            assert status == protocol.NOT_FOUND
+        elif offset + len(payload) <= size:
+            assert status == protocol.OK
+            content[offset : offset + len(payload)] = payload
+        else:
+            assert status in (protocol.OUT_OF_RANGE, protocol.TOO_LARGE)
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        lease_id = data.draw(st.sampled_from(list(self.leases)))
+        tenant, _, deadline, content = self.leases[lease_id]
+        assert self.store.read(lease_id, 0, -1, tenant + 1)[0] == protocol.NOT_FOUND
+        status, view = self.store.read(lease_id, 0, -1, tenant)
+        if deadline <= self.now_ms():
+            assert status == protocol.NOT_FOUND
+        else:
+            assert status == protocol.OK and bytes(view) == bytes(content)
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data(), ms=st.integers(1, 50))
+    def renew(self, data: st.DataObject, ms: int) -> None:
+        lease_id = data.draw(st.sampled_from(list(self.leases)))
+        tenant, size, deadline, content = self.leases[lease_id]
+        status = self.store.renew(lease_id, ms, tenant)
+        if deadline <= self.now_ms():
+            assert status == protocol.NOT_FOUND
+        else:
+            assert status == protocol.OK
+            self.leases[lease_id] = (tenant, size, self.now_ms() + ms, content)
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        lease_id = data.draw(st.sampled_from(list(self.leases)))
+        tenant, _, deadline, _ = self.leases.pop(lease_id)
+        expected = protocol.NOT_FOUND if deadline <= self.now_ms() else protocol.OK
+        assert self.store.release(lease_id, tenant) == expected
+        self.gone.append(lease_id)
+
+    @rule(ms=st.integers(0, 30))
+    def advance(self, ms: int) -> None:
+        self.clock.now = self.started + (self.now_ms() + ms) / 1000
+
+    @rule(limit=st.integers(1, 4))
+    def expire(self, limit: int) -> None:
+        due = sum(1 for _, _, deadline, _ in self.leases.values() if deadline <= self.now_ms())
+        assert self.store.expire_due(limit) <= min(limit, due)
+        self.expire_model()
+
+    @invariant()
+    def books_balance(self) -> None:
+        store = self.store
+        for lease_id in self.gone[-5:]:
+            if lease_id not in self.leases:
+                assert store.read(lease_id)[0] == protocol.NOT_FOUND
+        live = store.stats()["live_leases"]
+        assert live >= len(self.leases)
+        while store.expire_due(1000):
+            pass
+        self.expire_model()
+        assert store.stats()["live_leases"] == len(self.leases)
+        used = sum(1 << store.allocator.order_for(s) for _, s, _, _ in self.leases.values())
+        assert store.allocator.free_bytes == store.capacity - used
+        for tenant in range(3):
+            mine = [s for t, s, _, _ in self.leases.values() if t == tenant]
+            blocks = sum(1 << store.allocator.order_for(s) for s in mine)
+            assert store.tenant_usage(tenant) == (blocks, len(mine))
+        next_deadline = store.next_deadline()
+        if self.leases:
+            earliest = min(d for _, _, d, _ in self.leases.values())
+            assert next_deadline == pytest.approx(self.started + earliest / 1000)
+        else:
+            assert next_deadline is None
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+TestStoreModel = StoreMachine.TestCase
+TestStoreModel.settings = PROPERTY
+
+
+# Deadlines.
+
+
+def test_expiry_is_exact_to_the_millisecond_without_any_reaping():
+    clock = FakeClock(5000.0)
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        lease_id = store.lease(10, 1000)
+        clock.now = 5000.999
+        assert store.read(lease_id)[0] == protocol.OK
+        assert store.check_write(lease_id, 0, 1) == protocol.OK
+        clock.now = 5001.000
+        assert store.check_write(lease_id, 0, 1) == protocol.NOT_FOUND
+        assert store.read(lease_id)[0] == protocol.NOT_FOUND
+        assert store.stats()["leases_expired"] == 1 and store.next_deadline() is None
+    finally:
+        store.close()
+
+
+def test_next_deadline_is_never_after_the_expiry():
+    clock = FakeClock(77.0)
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        store.lease(10, 250)
+        deadline = store.next_deadline()
+        assert deadline is not None and deadline <= 77.25
+        clock.now = deadline
+        assert store.expire_due(10) == 1
+    finally:
+        store.close()
+
+
+def test_a_hundred_thousand_renews_of_one_lease_leave_the_deadlines_as_they_were():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        lease_id = store.lease(10, 1000)
+        before = store.stats()["metadata_bytes"]
+        for step in range(100_000):
+            clock.now += 0.0001
+            assert store.renew(lease_id, 1000 + step % 7) == protocol.OK
+        stats = store.stats()
+        assert stats["metadata_bytes"] == before and stats["live_leases"] == 1
+        assert len(store._deadlines) == 1  # the one entry, not one a renew
+        assert stats["leases_renewed"] == 100_000
+    finally:
+        store.close()
+
+
+def test_fifty_thousand_expiries_at_once_are_reaped_in_slices():
+    clock = FakeClock()
+    store = LeaseStore(50_000 * 32, clock=clock)
+    try:
+        ids = [store.lease(32, 500) for _ in range(50_000)]
+        assert min(ids) > 0
+        clock.now += 0.5
+        calls = []
+        while True:
+            done = store.expire_due(1000)
+            if not done:
+                break
+            calls.append(done)
+        assert len(calls) == 50 and max(calls) == 1000
+        assert store.stats()["leases_expired"] == 50_000
+        assert store.allocator.free_bytes == store.capacity
+    finally:
+        store.close()
+
+
+def test_a_lease_past_its_deadline_is_gone_before_the_reaper_comes():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        lease_id = store.lease(32, 10)
+        store.write(lease_id, 0, b"secret")
+        clock.now += 0.010
+        assert store.read(lease_id) == (protocol.NOT_FOUND, memoryview(b""))
+        assert store.write(lease_id, 0, b"x") == protocol.NOT_FOUND
+        assert store.renew(lease_id, 1000) == protocol.NOT_FOUND
+        assert store.expire_due(10) == 0
+    finally:
+        store.close()
+
+
+# Requests, tenants and quotas.
+
+
+def test_refusals_carry_the_protocol_status():
+    store = LeaseStore(3000)
+    try:
+        assert store.lease(0, 100) == protocol.INVALID
+        assert store.lease(10, 0) == protocol.INVALID
+        assert store.lease(4096, 100) == protocol.TOO_LARGE
+        assert store.lease(2048, 100) > 0
+        assert store.lease(2048, 100) == protocol.NO_MEMORY
+        assert store.stats()["leases_refused"] == 4
+        assert store.renew(12345, 100) == protocol.NOT_FOUND
+        assert store.release(-5) == protocol.NOT_FOUND
+    finally:
+        store.close()
+
+
+def test_writes_and_reads_check_their_range():
+    store = LeaseStore(1 << 12)
+    try:
+        lease_id = store.lease(10, 60_000)
+        assert store.write(lease_id, 0, b"x" * 11) == protocol.TOO_LARGE
+        assert store.check_write(lease_id, 0, 11) == protocol.TOO_LARGE
+        assert store.write(lease_id, 5, b"123456") == protocol.OUT_OF_RANGE
+        assert store.write(lease_id, -1, b"1") == protocol.OUT_OF_RANGE
+        assert store.write(lease_id, 4, memoryview(b"abcdef")) == protocol.OK
+        assert store.write(lease_id, 0, bytearray(b"wxyz")) == protocol.OK
+        assert bytes(store.read(lease_id, 2, 4)[1]) == b"yzab"
+        assert store.read(lease_id, 8, 3)[0] == protocol.OUT_OF_RANGE
+        assert store.read(lease_id, 11)[0] == protocol.OUT_OF_RANGE
+        assert bytes(store.read(lease_id, 10)[1]) == b""
+        counters = store.stats()
+        assert counters["sets"] == 5 and counters["gets"] == 4
+    finally:
+        store.close()
+
+
+def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
+    store = LeaseStore(1 << 12)
+    try:
+        mine = store.lease(100, 60_000, tenant=7, quota=256)
+        assert mine > 0
+        assert store.lease(100, 60_000, tenant=7, quota=256) > 0
+        assert store.lease(1, 60_000, tenant=7, quota=256) == protocol.NO_MEMORY
+        assert store.lease(1, 60_000, tenant=8, quota=256) > 0
+        for other in (0, 8):
+            assert store.read(mine, tenant=other)[0] == protocol.NOT_FOUND
+            assert store.write(mine, 0, b"x", tenant=other) == protocol.NOT_FOUND
+            assert store.renew(mine, 10, tenant=other) == protocol.NOT_FOUND
+            assert store.release(mine, tenant=other) == protocol.NOT_FOUND
+        assert store.tenant_usage(7) == (256, 2)
+        stats = store.stats(tenant=7)
+        assert stats["tenant_bytes"] == 256 and stats["tenant_leases"] == 2
+        assert store.release(mine, tenant=7) == protocol.OK
+        assert store.tenant_usage(7) == (128, 1)
+        assert store.lease(1, 60_000, tenant=70_000) > 0  # a wide tenant number widens its column
+        assert store.tenant_usage(70_000) == (32, 1)
+    finally:
+        store.close()
+
+
+def test_granted_memory_is_zeroed_and_ids_are_unique():
+    store = LeaseStore(1 << 14)
+    try:
+        ids = set()
+        for _ in range(3):
+            batch = [store.lease(64, 60_000) for _ in range(256)]
+            for lease_id in batch:
+                assert bytes(store.read(lease_id)[1]) == bytes(64)
+                store.write(lease_id, 0, b"\xff" * 64)
+            ids.update(batch)
+            for lease_id in batch:
+                store.release(lease_id)
+        assert len(ids) > 700
+    finally:
+        store.close()
+
+
+def test_a_pinned_block_is_kept_until_the_last_unpin():
+    store = LeaseStore(64)  # room for two blocks of 32
+    try:
+        first = store.lease(32, 60_000)
+        store.write(first, 0, b"A" * 32)
+        status, view = store.read(first)
+        pins = [store.pin(first), store.pin(first)]
+        assert store.release(first) == protocol.OK
+        assert store.read(first)[0] == protocol.NOT_FOUND
+        second = store.lease(32, 60_000)
+        assert store.lease(32, 60_000) == protocol.NO_MEMORY  # the pinned block is not reused
+        store.write(second, 0, b"B" * 32)
+        assert bytes(view) == b"A" * 32  # neither zeroed nor overwritten while pinned
+        store.unpin(pins[0])
+        assert bytes(view) == b"A" * 32 and store.stats()["free_bytes"] == 0
+        store.unpin(pins[1])
+        assert bytes(view) == bytes(32)  # zeroed and freed at the last unpin
+        with pytest.raises(ValueError):
+            store.unpin(pins[1])
+        third = store.lease(32, 60_000)
+        assert third > 0 and bytes(store.read(third)[1]) == bytes(32)
+    finally:
+        store.close()
+
+
+def test_pool_figures_follow_the_free_lists():
+    store = LeaseStore(1 << 12)
+    try:
+        assert store.usage_by_cell(4) == [0, 0, 0, 0]
+        assert store.stats()["fragmentation"] == 0
+        first = store.lease(1024, 60_000)
+        store.lease(1024, 60_000)
+        store.release(first)
+        assert store.usage_by_cell(4) == [0, 1024, 0, 0]
+        assert store.usage_by_cell(8) == [0, 0, 512, 512, 0, 0, 0, 0]
+        assert store.free_blocks() == {1024: 1, 2048: 1}
+        # 3072 bytes free, the largest block 2048: a third of the free space is not in it.
+        assert store.stats()["fragmentation"] == 333
+        store.lease(4096 - 2048, 60_000)
+        store.lease(1024, 60_000)
+        assert store.usage_by_cell(3) == [1365, 1365, 1366]
+        assert store.stats()["fragmentation"] == 0 and store.stats()["free_bytes"] == 0
+    finally:
+        store.close()
+
+
+# Warm restart.
+
+
+def _store(path: str, clock: FakeClock, wall: FakeClock, pool: int = 1 << 16) -> LeaseStore:
+    return LeaseStore(pool, clock=clock, wall_clock=wall, state_file=path)
+
+
+@pytest.fixture
+def state(tmp_path):
+    return str(tmp_path / "pool")
+
+
+def test_a_saved_pool_comes_back_with_its_ids_bytes_and_less_time(state):
+    clock, wall = FakeClock(), FakeClock(1.7e9)
+    store = _store(state, clock, wall)
+    kept = store.lease(100, 60_000, tenant=3)
+    store.write(kept, 0, b"kept bytes", tenant=3)
+    short = store.lease(100, 5_000)
+    gone = store.lease(100, 60_000)
+    store.write(gone, 0, b"released before the stop")
+    store.release(gone)
+    clock.now += 1.0
+    store.save()
+    store.close()
+    assert os.path.exists(state + ".leases")
+    wall.now += 10.0  # ten seconds down: the short lease's time ran out meanwhile
+    again = _store(state, FakeClock(50.0), wall)
+    try:
+        assert again.restore_note is not None and again.restore_note.startswith("restored 1 ")
+        assert not os.path.exists(state + ".leases")
+        assert bytes(again.read(kept, 0, 10, tenant=3)[1]) == b"kept bytes"
+        assert again.read(kept)[0] == protocol.NOT_FOUND  # still tenant 3's
+        assert again.read(short)[0] == protocol.NOT_FOUND
+        assert again.next_deadline() == pytest.approx(50.0 + 49.0)
+        assert again.tenant_usage(3) == (128, 1)
+        assert again.memory.buffer.find(b"released") == -1
+        assert again.stats()["free_bytes"] == again.capacity - 128
+        fresh = again.lease(100, 1000)
+        assert fresh > 0 and fresh != kept
+    finally:
+        again.close()
+
+
+def _saved(state: str, leases: int = 2) -> None:
+    clock, wall = FakeClock(), FakeClock(1.7e9)
+    store = _store(state, clock, wall)
+    for _ in range(leases):
+        lease_id = store.lease(100, 60_000)
+        store.write(lease_id, 0, b"doubtful")
+    store.save()
+    store.close()
+
+
+def _table(version: int = 1, pool: int = 1 << 16, saved_at: int = 1_700_000_000_000, leases=()):
+    """A lease table in the saved format, for cases a real store never writes."""
+    count = len(leases)
+    body = struct.pack("<8sIQIqQ", b"MLEASES\n", version, pool, 32, saved_at, count)
+    for column, code in enumerate("iqqqq"):
+        body += struct.pack("<%d%s" % (count, code), *(lease[column] for lease in leases))
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _corrupt(path: str) -> None:
+    with open(path, "r+b") as table:
+        table.seek(60)
+        byte = table.read(1)
+        table.seek(60)
+        table.write(bytes([byte[0] ^ 1]))
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as table:
+        table.truncate(30)
+
+
+def _replace(content: bytes):
+    def write(path: str) -> None:
+        with open(path, "wb") as table:
+            table.write(content)
+
+    return write
+
+
+def _no_table(path: str) -> None:
+    os.unlink(path)
+
+
+OVERLAP = _table(leases=[(5, 0, 100, 0, 1_700_000_100_000), (6, 0, 32, 64, 1_700_000_100_000)])
+
+
+@pytest.mark.parametrize(
+    "damage, pool, wall_shift, reason",
+    [
+        (_no_table, 1 << 16, 0, "did not stop cleanly"),
+        (None, 1 << 17, 0, "the pool changed"),
+        (_replace(_table(version=2)), 1 << 16, 0, "version 2"),
+        (_truncate, 1 << 16, 0, "not one"),
+        (_corrupt, 1 << 16, 0, "checksum"),
+        (None, 1 << 16, -5.0, "clock went backwards"),
+        (_replace(OVERLAP), 1 << 16, 0, "overlap"),
+    ],
+)
+def test_any_doubt_means_a_clean_empty_pool(state, damage, pool, wall_shift, reason):
+    _saved(state)
+    if damage is not None:
+        damage(state + ".leases")
+    wall = FakeClock(1.7e9 + wall_shift)
+    store = _store(state, FakeClock(), wall, pool)
+    try:
+        assert store.restore_note is not None and reason in store.restore_note
+        assert store.restore_note.startswith("clean start")
+        stats = store.stats()
+        assert stats["live_leases"] == 0 and stats["free_bytes"] == store.capacity
+        assert store.memory.buffer.find(b"doubtful") == -1
+        assert not os.path.exists(state + ".leases")
+    finally:
+        store.close()
+
+
+def test_a_crash_after_a_restore_cannot_bring_the_old_table_back(state):
+    _saved(state)
+    store = _store(state, FakeClock(), FakeClock(1.7e9 + 1))
+    assert store.restore_note is not None and store.restore_note.startswith("restored 2")
+    store.close()  # as after SIGKILL: no save
+    again = _store(state, FakeClock(), FakeClock(1.7e9 + 2))
+    try:
+        assert again.restore_note is not None and "did not stop cleanly" in again.restore_note
+        assert again.memory.buffer.find(b"doubtful") == -1
+    finally:
+        again.close()
+
+
+def test_a_change_after_saving_withdraws_the_saved_table(state):
+    store = _store(state, FakeClock(), FakeClock(1.7e9))
+    try:
+        lease_id = store.lease(10, 60_000)
+        store.save()
+        assert os.path.exists(state + ".leases")
+        store.release(lease_id)
+        assert not os.path.exists(state + ".leases")
+    finally:
+        store.close()
+
+
+def test_a_state_file_serves_one_server_at_a_time(state):
+    store = _store(state, FakeClock(), FakeClock(1.7e9))
+    try:
+        with pytest.raises(OSError, match="another server"):
+            _store(state, FakeClock(), FakeClock(1.7e9))
+    finally:
+        store.close()
+
+
+def test_without_a_state_file_nothing_is_saved(tmp_path):
+    store = LeaseStore(1 << 12)
+    try:
+        store.lease(10, 1000)
+        store.save()
+        assert store.restore_note is None and os.listdir(str(tmp_path)) == []
+    finally:
+        store.close()
+
+
+def test_zeroing_gives_whole_pages_back_and_writes_the_ragged_ends():
+    memory = lease_store.PoolMemory(1 << 16)
+    try:
+        memory.buffer[:] = b"\xff" * (1 << 16)
+        memory.zero(100, 3 * 4096)
+        data = memory.buffer[:]
+        assert data[:100] == b"\xff" * 100
+        assert data[100 : 100 + 3 * 4096] == bytes(3 * 4096)
+        assert data[100 + 3 * 4096 :] == b"\xff" * (len(data) - 100 - 3 * 4096)
+    finally:
+        memory.close()
