@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """The lease store at scale, measured through a real server: the figures of issue 10.
 
-Each case starts its own server process, loads it with pipelined requests from this
-process, and times another client's round trips from a second process meanwhile, so the
-load generator's own pauses never count as the server's.  Memory is the server's RSS.
+Each case starts its own server process, loads it from this process with requests
+pipelined BATCH at a time (a busy client), and times another client's round trips from a
+second process meanwhile, so the load generator's own pauses never count as the server's.
+Memory is the server's RSS.  One case runs the store alone in this process, to show its
+own share of a pause: the longest garbage collection and the longest lease() call.
 
     flock /tmp/memlease-bench.lock python3 bench_store.py [--quick]
 """
 
 import argparse
+import contextlib
+import gc
 import multiprocessing
 import re
 import socket
@@ -111,29 +115,34 @@ class Prober:
 
     def finish(self) -> List[Tuple[float, float]]:
         self._stop.set()
+        if not self._receive.poll(30):
+            raise RuntimeError("the probing client failed")
         samples: List[Tuple[float, float]] = self._receive.recv()
         self._process.join(10)
         return samples
 
 
-class Server:
-    """A memlease_server.py process on a port of the OS's choosing."""
+class Server(NamedTuple):
+    """A running memlease_server.py process."""
 
-    def __init__(self, pool: int) -> None:
-        from bench_memlease import start_ours  # the benchmark's own launcher
-
-        self._log = tempfile.NamedTemporaryFile(mode="w+")
-        self.process, target = start_ours(str(pool), self._log)
-        self.port = target.port
+    pid: int
+    port: int
 
     def rss(self) -> int:
-        return _rss(self.process.pid)
+        return _rss(self.pid)
 
-    def stop(self) -> None:
-        from bench_memlease import stop
 
-        stop(self.process)
-        self._log.close()
+@contextlib.contextmanager
+def running_server(pool: int) -> Iterator[Server]:
+    """A server process on a port of the OS's choosing, stopped on the way out."""
+    from bench_memlease import start_ours, stop  # the benchmarks' own launcher
+
+    with tempfile.NamedTemporaryFile(mode="w+") as log:
+        process, target = start_ours(str(pool), log)
+        try:
+            yield Server(process.pid, target.port)
+        finally:
+            stop(process)
 
 
 def _longest_ms(samples: List[Tuple[float, float]], since: float = 0.0) -> Tuple[float, int]:
@@ -144,21 +153,19 @@ def _longest_ms(samples: List[Tuple[float, float]], since: float = 0.0) -> Tuple
 def metadata_and_growth(scale: Scale) -> Tuple[str, str]:
     """Fill a pool with 32-byte leases: RSS beyond the pool per lease, and the probe's worst."""
     pool = scale.leases * 32
-    server = Server(pool)
-    try:
+    with running_server(pool) as server:
         pipe = Pipe(server.port)
         before = server.rss()
-        prober = Prober(server.port, protocol.Read(1, 0, 1).encode())  # a miss: no lease needed
+        probe_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]  # the first lease
+        prober = Prober(server.port, protocol.Read(probe_id, 0, 1).encode())
         began = time.perf_counter()
-        for n in _batches(scale.leases):
+        for n in _batches(scale.leases - 1):
             pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()] * n)
         took = time.perf_counter() - began
         samples = prober.finish()
         stats = pipe.stats()
         per_lease = (server.rss() - before - pool) / scale.leases
         pipe.close()
-    finally:
-        server.stop()
     worst, count = _longest_ms(samples)
     return (
         "| metadata per live lease (%d leases of 32 B in a %d MiB pool; RSS growth minus the "
@@ -169,10 +176,40 @@ def metadata_and_growth(scale: Scale) -> Tuple[str, str]:
     )
 
 
+def collector_pauses(scale: Scale) -> str:
+    """The store alone, in this process: its longest call and the collector's longest pass."""
+    from lease_store import LeaseStore
+
+    store = LeaseStore(scale.leases * 32)
+    passes: List[float] = []
+    began = [0.0]
+
+    def timed(phase: str, info: "dict[str, int]") -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            passes.append(time.perf_counter() - began[0])
+
+    gc.callbacks.append(timed)
+    longest = 0.0
+    try:
+        for _ in range(scale.leases):
+            start = time.perf_counter()
+            store.lease(32, HOUR_MS)
+            longest = max(longest, time.perf_counter() - start)
+    finally:
+        gc.callbacks.remove(timed)
+        store.close()
+    return (
+        "| the same %d leases made by the store alone, in this process: longest garbage "
+        "collection (%d of them, timed by gc.callbacks), and longest lease() call | %.1f ms, "
+        "%.1f ms | <= 20 ms |" % (scale.leases, len(passes), max(passes) * 1000, longest * 1000)
+    )
+
+
 def expiry_storm(leases: int, target_ms: int) -> str:
     """Leases timed to expire in one instant; the probe's worst round trip from then on."""
-    server = Server(max(2 * leases * 32, 1 << 20))
-    try:
+    with running_server(max(2 * leases * 32, 1 << 20)) as server:
         pipe = Pipe(server.port)
         probe_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]
         # Each batch's duration ends at the same moment, with time to send them all first.
@@ -194,8 +231,6 @@ def expiry_storm(leases: int, target_ms: int) -> str:
         reaped = time.perf_counter() - since
         samples = prober.finish()
         pipe.close()
-    finally:
-        server.stop()
     worst, count = _longest_ms(samples, since)
     return (
         "| %d leases expiring in the same instant: longest round trip of another client "
@@ -205,8 +240,7 @@ def expiry_storm(leases: int, target_ms: int) -> str:
 
 
 def renews_of_one_lease(renews: int) -> str:
-    server = Server(1 << 20)
-    try:
+    with running_server(1 << 20) as server:
         pipe = Pipe(server.port)
         lease_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]
         pipe.exchange([protocol.Renew(lease_id, HOUR_MS).encode()] * BATCH)  # warm up
@@ -215,14 +249,11 @@ def renews_of_one_lease(renews: int) -> str:
             pipe.exchange([protocol.Renew(lease_id, HOUR_MS).encode()] * n)
         growth = server.rss() - before
         pipe.close()
-    finally:
-        server.stop()
     return "| %d renews of one lease: RSS growth | %+.2f MiB | < 1 MiB |" % (renews, growth / MIB)
 
 
 def lease_release_pairs(pairs: int) -> str:
-    server = Server(1 << 20)
-    try:
+    with running_server(1 << 20) as server:
         pipe = Pipe(server.port)
         lease = protocol.Lease(32, HOUR_MS).encode()
 
@@ -236,8 +267,6 @@ def lease_release_pairs(pairs: int) -> str:
             cycle(n)
         growth = server.rss() - before
         pipe.close()
-    finally:
-        server.stop()
     return "| %d lease + release pairs: RSS growth | %+.2f MiB | < 1 MiB |" % (pairs, growth / MIB)
 
 
@@ -246,6 +275,7 @@ def rows(scale: Scale) -> Iterator[str]:
     yield "| case | measured | target |"
     yield "|---|---|---|"
     yield from metadata_and_growth(scale)
+    yield collector_pauses(scale)
     yield expiry_storm(scale.big_storm, 20)
     yield expiry_storm(scale.small_storm, 10)
     yield renews_of_one_lease(scale.renews)
@@ -264,8 +294,10 @@ def main() -> int:
     print("## store at scale\n")
     for line in rows(QUICK if args.quick else FULL):
         print(line, flush=True)
-    print("\n`flock /tmp/memlease-bench.lock python3 bench_store.py%s`" % (
-        " --quick" if args.quick else ""))
+    print(
+        "\n`flock /tmp/memlease-bench.lock python3 bench_store.py%s`"
+        % (" --quick" if args.quick else "")
+    )
     return 0
 
 

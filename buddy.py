@@ -121,7 +121,6 @@ class BuddyAllocator:
         self._free: List[Dict[int, Block]] = [{} for _ in range(pool_size.bit_length())]
         self._nonempty = 0  # bit k set <=> self._free[k] is not empty
         self.split_blocks = 0  # SplitBlock nodes in the tree now
-        self.nodes_made = 0  # nodes made so far: new work for the garbage collector
         offset = 0
         for order in range(pool_size.bit_length() - 1, self.min_order - 1, -1):
             if pool_size & (1 << order):
@@ -205,7 +204,12 @@ class BuddyAllocator:
 
     def release(self, offset: int, order: int) -> None:
         """Free the allocated block at ``offset``, merging it up the tree with free buddies."""
-        leaf = self.block_at(offset, order)
+        buddy = self._free[order].get(offset ^ (1 << order))
+        if buddy is not None and isinstance(buddy.parent, SplitBlock):
+            pair = buddy.parent  # a free buddy is a short way to the block: its sibling
+            leaf = pair.left if pair.right is buddy else pair.right
+        else:
+            leaf = self.block_at(offset, order)
         if not leaf.allocated:
             raise ValueError("%r is not allocated" % (leaf,))
         leaf.__class__ = FreeBlock
@@ -228,7 +232,6 @@ class BuddyAllocator:
             self._replace(node, merged)
             node.parent = None
             node = merged
-            self.nodes_made += 1
         self._push(node, order, offset)
 
     def block_at(self, offset: int, order: int) -> Block:
@@ -260,8 +263,11 @@ class BuddyAllocator:
         leaves = self.split_blocks + len(self._slots)
         listed = sum(len(free) for free in self._free)
         lists = sum(sys.getsizeof(free) for free in self._free)
-        return self.split_blocks * SPLIT_BYTES + leaves * LEAF_BYTES + lists + (
-            listed * OFFSET_KEY_BYTES
+        return (
+            self.split_blocks * SPLIT_BYTES
+            + leaves * LEAF_BYTES
+            + lists
+            + (listed * OFFSET_KEY_BYTES)
         )
 
     def _carve(self, block: Block, order: int, base: int, target: int, want: int) -> None:
@@ -277,7 +283,6 @@ class BuddyAllocator:
         self._replace(block, node)
         block.parent = None
         self.split_blocks += order - want
-        self.nodes_made += 2 * (order - want)
         while True:
             order -= 1
             half = 1 << order

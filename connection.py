@@ -25,6 +25,9 @@ from lease_store import LeaseStore
 log = logging.getLogger("memlease")
 
 HIGH_WATER = 256 * 1024  # unsent bytes past which requests wait in the decoder
+# Requests answered for one connection before the others get a turn: a client that
+# pipelines thousands of requests in one read must not hold up everyone else.
+TURN_BUDGET = 128
 Buffer = Union[bytes, bytearray, memoryview]
 
 
@@ -170,12 +173,18 @@ class Connection:
         self._small = bytearray()  # small replies, joined until they are sent
         self._upload: Optional[_Upload] = None
         self._paused = False  # requests wait in the decoder until the output drains
+        self._yielded = False  # requests wait in the decoder for the next turn
 
     # Input.
 
     @property
     def wants_input(self) -> bool:
         return not self.closing and self.output_size < HIGH_WATER
+
+    @property
+    def uploading(self) -> bool:
+        """Whether a large write is being received (see ``receive_buffer``)."""
+        return self._upload is not None
 
     @property
     def in_frame(self) -> bool:
@@ -256,13 +265,28 @@ class Connection:
 
     # Requests.
 
+    @property
+    def has_backlog(self) -> bool:
+        """Whether whole requests wait for the next turn (see ``resume``)."""
+        return self._yielded and not self.closing
+
+    def resume(self) -> None:
+        """Answer more of the requests left waiting when a turn's budget ran out."""
+        if self._yielded and not self._paused:
+            self._process()
+
     def _process(self, drain: bool = False) -> None:
         decoder = self._decoder
-        self._paused = False
+        self._paused = self._yielded = False
+        budget_end = self.answered + TURN_BUDGET
         while not self.closing:
-            if self.output_size >= HIGH_WATER and not drain:
-                self._paused = True  # sent() resumes once the output drains
-                return
+            if not drain:
+                if self.output_size >= HIGH_WATER:
+                    self._paused = True  # sent() resumes once the output drains
+                    return
+                if self.answered >= budget_end:
+                    self._yielded = True  # the loop calls resume() on its next turn
+                    return
             if self._upload is not None and not self._continue_upload():
                 return
             try:
@@ -278,23 +302,26 @@ class Connection:
                 continue
             if message is None:
                 return
-            if type(message) is protocol.DataFrame:
-                self._begin_upload(message)  # type: ignore[arg-type]
+            if isinstance(message, protocol.DataFrame):
+                self._begin_upload(message)
             else:
                 self._answer(message)
 
     def _answer(self, message: protocol.Message) -> None:
         kind = type(message)
         if self.tenant is None and kind is not protocol.Auth:
-            msg_type = protocol.REQUEST_TYPES[kind]  # type: ignore[index]
+            msg_type = protocol.REQUEST_TYPES[kind]
             self._finish(message, protocol.Error(protocol.UNAUTHORIZED, msg_type))
             return
         _ANSWERS[kind](self, message)
 
-    def _finish(self, request: object, reply: protocol.Reply, encoded: bool = False) -> None:
-        """Queue ``reply`` (unless already queued), count it, and log the request."""
-        if not encoded:
-            self._reply(reply.encode())
+    def _finish(self, request: object, reply: protocol.Reply) -> None:
+        """Queue ``reply``, count it, and log the request."""
+        self._reply(reply.encode())
+        self._account(request, reply)
+
+    def _account(self, request: object, reply: "Union[protocol.Reply, _StreamedData]") -> None:
+        """Count a request answered, by command and status, and log it."""
         status = _status(request, reply)
         self.answered += 1
         self.service.requests[_command(request), status] += 1
@@ -378,7 +405,7 @@ class Connection:
             return
         self._reply(protocol.data_head(lease_id, len(view)))
         self._reply_view(view, self.store.pin(lease_id))
-        self._finish(request, _StreamedData(lease_id, len(view)), encoded=True)
+        self._account(request, _StreamedData(lease_id, len(view)))
 
     def _renew(self, message: protocol.Renew) -> None:
         status = self.store.renew(message.lease_id, message.duration_ms, self.tenant or 0)

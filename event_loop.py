@@ -14,6 +14,8 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 FileCallback = Callable[[], None]
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
 TimeCallback = Callable[[], Optional[float]]
 
 
@@ -55,8 +57,10 @@ class EventLoop:
         self._timers: List[Tuple[float, int, Timer]] = []
         self._sequence = itertools.count()  # orders timers due at the same time
         self._cancelled = 0  # cancelled timers still in the heap
+        self._soon: List[FileCallback] = []  # to run on the next turn, without waiting
         self._running = False
         self.turns = 0  # how many times the loop has waited for events
+        self.now = clock()  # the time when the last wait ended: cheaper than asking again
         # Called before each wait, as ae.c's beforesleep: work that must see the turn's effects.
         self.before_wait: Optional[Callable[[], None]] = None
 
@@ -85,7 +89,10 @@ class EventLoop:
     def forget(self, fd: int) -> None:
         """Drop every callback of ``fd``; call it before the file is closed."""
         handlers = self._files.pop(fd, None)
-        if handlers is not None and handlers.registered:
+        if handlers is None:
+            return
+        handlers.reader = handlers.writer = None  # an event already fetched is not delivered
+        if handlers.registered:
             self._selector.unregister(fd)
 
     def _handlers(self, fd: int) -> _Handlers:
@@ -130,6 +137,10 @@ class EventLoop:
             heapq.heapify(self._timers)
             self._cancelled = 0
 
+    def call_soon(self, callback: FileCallback) -> None:
+        """Run ``callback`` on the next turn, after that turn's file events."""
+        self._soon.append(callback)
+
     # Running.
 
     def stop(self) -> None:
@@ -146,17 +157,23 @@ class EventLoop:
         """Wait at most until the next timer (or ``timeout``), then run what is due."""
         if self.before_wait is not None:
             self.before_wait()
-        wait = self._until_next_timer()
+        wait = 0.0 if self._soon else self._until_next_timer()
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
         self.turns += 1
-        for key, events in self._selector.select(wait):
+        ready = self._selector.select(wait)
+        self.now = self.clock()
+        for key, events in ready:
             handlers = key.data
-            if events & selectors.EVENT_READ and handlers.reader is not None:
+            if events & _READ and handlers.reader is not None:
                 handlers.reader()
-            if events & selectors.EVENT_WRITE and handlers.writer is not None:
+            if events & _WRITE and handlers.writer is not None:
                 handlers.writer()
         self._run_due_timers()
+        if self._soon:
+            soon, self._soon = self._soon, []
+            for callback in soon:
+                callback()
 
     def close(self) -> None:
         self._selector.close()

@@ -6,6 +6,7 @@ frame timers), and the store's expiry, done in slices so that a storm of expirie
 interleaves with requests.  The protocol itself lives in :mod:`connection`.
 """
 
+import functools
 import ipaddress
 import logging
 import signal
@@ -13,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 import protocol
 from connection import Connection, Service
@@ -24,7 +25,7 @@ log = logging.getLogger("memlease")
 
 RECV_SIZE = 256 * 1024
 ACCEPT_BATCH = 64  # connections accepted per readable event of a listener
-EXPIRY_SLICE = 2000  # leases expired per turn of the loop at most
+EXPIRY_SLICE = 256  # leases expired per turn of the loop at most (about 4 ms of work)
 LINGER_SECONDS = 1.0  # how long a closing connection waits for the peer's FIN
 SHUTDOWN_SECONDS = 1.5  # how long a stopping server waits for replies to drain
 DESCRIPTOR_RESERVE = 32  # descriptors kept back from --max-connections for files and logs
@@ -79,9 +80,11 @@ class Channel:
         "last_active",
         "frame_since",
         "frame_mark",
+        "tls",
         "handshaking",
         "timer",
         "closed",
+        "resuming",
     )
 
     def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: Peer) -> None:
@@ -94,11 +97,13 @@ class Channel:
         self.writing = False
         self.peer_done = False  # the peer sent its FIN
         self.lingering = False  # we sent ours and wait for the peer's
-        self.last_active = self.loop.clock()
+        self.last_active = self.loop.now
         self.frame_since: Optional[float] = None
         self.frame_mark = 0
-        self.handshaking = isinstance(sock, ssl.SSLSocket)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.handshaking = self.tls
         self.closed = False
+        self.resuming = False  # a resume() of the connection is due on the next turn
         self.timer: Timer = self.loop.call_later(server.idle_timeout, self._check_timeouts)
         if self.handshaking:
             self._handshake()
@@ -136,7 +141,7 @@ class Channel:
         received = 0
         try:
             while True:
-                into = conn.receive_buffer()
+                into = conn.receive_buffer() if conn.uploading else None
                 if into is not None:
                     n = sock.recv_into(into)
                     if n:
@@ -154,7 +159,7 @@ class Channel:
                     conn.end_of_input()
                     break
                 # TLS may hold decrypted bytes that no readiness event will announce.
-                if not (until_empty or (_pending(sock) and conn.wants_input)):
+                if not (until_empty or (self.tls and _pending(sock) and conn.wants_input)):
                     break
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
@@ -162,7 +167,7 @@ class Channel:
             log.info("%s connection lost: %s", conn.peer, exc)
             self.close()
             return
-        now = self.loop.clock()
+        now = self.loop.now
         self.last_active = now
         self.server.service.counters["bytes_received"] += received
         if conn.in_frame:
@@ -183,8 +188,21 @@ class Channel:
             return
         self._set_reading(conn.wants_input and not self.peer_done)
         self._set_writing(bool(conn.output_size))
+        if conn.has_backlog and not self.resuming:
+            self.resuming = True
+            self.loop.call_soon(self._resume)
         if conn.closing and not conn.output_size and not self.lingering:
             self._finish()
+
+    def _resume(self) -> None:
+        self.resuming = False
+        if self.closed:
+            return
+        try:
+            self.conn.resume()
+            self.update()
+        except Exception:
+            self._internal_error()
 
     def stop(self) -> None:
         """Answer every request the peer has fully sent by now, then close after the replies."""
@@ -271,11 +289,10 @@ class Channel:
         conn = self.conn
         sock = self.sock
         sent_total = 0
-        use_sendmsg = not isinstance(sock, ssl.SSLSocket)
         try:
             while conn.output_size:
                 buffers = conn.outgoing()
-                if len(buffers) == 1 or not use_sendmsg:
+                if len(buffers) == 1 or self.tls:  # SSLSocket has no sendmsg
                     n = sock.send(buffers[0])
                     full = n < len(buffers[0])
                 else:
@@ -293,7 +310,7 @@ class Channel:
             return False
         if sent_total:
             self.server.service.counters["bytes_sent"] += sent_total
-            self.last_active = self.loop.clock()
+            self.last_active = self.loop.now
         return True
 
     def _handshake(self) -> None:
@@ -338,7 +355,8 @@ class Channel:
 
 
 def _pending(sock: socket.socket) -> int:
-    return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+    """Decrypted bytes a TLS socket holds, which no readiness event will announce."""
+    return cast(ssl.SSLSocket, sock).pending()
 
 
 class MemLeaseServer:
@@ -383,7 +401,7 @@ class MemLeaseServer:
             self.listeners.append(listen(address))
         for listener in self.listeners:
             listener.setblocking(False)
-            self.loop.add_reader(listener.fileno(), lambda s=listener: self._accept(s))
+            self.loop.add_reader(listener.fileno(), functools.partial(self._accept, listener))
         self.server_address: Tuple[str, int] = self.listeners[0].getsockname()[:2]
         self.channels: Set[Channel] = set()
         self.service.connections = self.channels.__len__

@@ -49,10 +49,14 @@ if TYPE_CHECKING:
 else:
     Column = array
 _FIRST_INDEX_SLOTS = 64
-# After this many new tree nodes the store moves every object the collector tracks into
-# its permanent generation: a full collection then walks only what is newer, so it never
-# spends a long pause on millions of nodes that are still in use.
-FREEZE_EVERY_NODES = 50_000
+# When the tree has grown by this many split nodes (and as many leaves) since its low
+# point, the store moves every object the collector tracks into its permanent generation:
+# a full collection then walks only what is newer, so it never pauses long over millions
+# of nodes still in use.  Growth, not churn, triggers it: a pool that only turns over its
+# leases freezes nothing more.  The tree's dropped nodes form no cycles, so freezing them
+# never keeps garbage; a cycle elsewhere that is frozen stays until the process ends.
+FREEZE_STEP = 25_000
+_NARROW_DEADLINE_MAX = 2**32 - 1  # the most milliseconds the first deadline column holds
 # A nanosecond of slack absorbs float rounding, so a reading at a deadline counts as it.
 _SLACK_MS = 1e-6
 
@@ -243,7 +247,7 @@ class LeaseStore:
         self.counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._pins: Dict[int, int] = {}  # block offset -> holds on it
         self._unpinned_frees: Dict[int, int] = {}  # offset -> order, freed at the last unpin
-        self._frozen_at = 0
+        self._gc_floor = 0  # split nodes at the last freeze, or fewer since
         self._table_path = None if state_file is None else state_file + TABLE_SUFFIX
         self._table_saved = False
         self._start_empty()
@@ -271,7 +275,7 @@ class LeaseStore:
         self.memory.zero(offset, 1 << self.allocator.order_for(size))
         self._add(lease_id, tenant, size, offset, self._now() + duration_ms)
         self.counters["leases_granted"] += 1
-        if self.allocator.nodes_made - self._frozen_at >= FREEZE_EVERY_NODES:
+        if self.allocator.split_blocks - self._gc_floor >= FREEZE_STEP:
             self._freeze()
         return lease_id
 
@@ -349,13 +353,10 @@ class LeaseStore:
         if pos < 0:
             return protocol.NOT_FOUND
         self._table_changed()
+        deadline = self._now() + duration_ms
+        self._widen_deadlines(deadline)
         self._settle(
-            pos,
-            lease_id,
-            self._tenants[pos],
-            self._sizes[pos],
-            self._offsets[pos],
-            self._now() + duration_ms,
+            pos, lease_id, self._tenants[pos], self._sizes[pos], self._offsets[pos], deadline
         )
         self.counters["leases_renewed"] += 1
         return protocol.OK
@@ -561,6 +562,7 @@ class LeaseStore:
 
     def _add(self, lease_id: int, tenant: int, size: int, offset: int, deadline: int) -> None:
         self._table_changed()
+        self._widen_deadlines(deadline)
         self._ids.append(lease_id)
         self._tenants = _appended(self._tenants, tenant)
         self._sizes = _appended(self._sizes, size)
@@ -601,9 +603,15 @@ class LeaseStore:
         else:
             self._free_block(offset, order)
 
+    def _widen_deadlines(self, deadline: int) -> None:
+        """Give the deadlines 8 bytes each once 4 no longer hold them (after 49 days)."""
+        if deadline > _NARROW_DEADLINE_MAX and self._deadlines.typecode != "q":
+            self._deadlines = array("q", self._deadlines)
+
     def _free_block(self, offset: int, order: int) -> None:
         self.memory.zero(offset, 1 << order)
         self.allocator.release(offset, order)
+        self._gc_floor = min(self._gc_floor, self.allocator.split_blocks)
 
     def _settle(
         self, pos: int, lease_id: int, tenant: int, size: int, offset: int, deadline: int
@@ -666,7 +674,7 @@ class LeaseStore:
         self._tenants = array("b")  # narrow until a value needs more: see _appended
         self._sizes = array("H")
         self._offsets = array("I" if self.capacity < 1 << 32 else "Q")
-        self._deadlines = array("q")  # the heap's key
+        self._deadlines = array("I")  # the heap's key; see _widen_deadlines
         self._index = array("i", [-1]) * _FIRST_INDEX_SLOTS  # id & mask -> position
         self._mask = _FIRST_INDEX_SLOTS - 1
         self._tenant_bytes = {}
@@ -687,6 +695,7 @@ class LeaseStore:
             self._start_empty()
             self.memory.wipe()
             return "clean start with an empty pool: %s" % doubt
+        self._freeze()
         for offset, size in self.allocator.free_runs():
             self.memory.zero(offset, size)  # no byte outside a lease survives
         for size, offset in zip(self._sizes, self._offsets):
@@ -733,9 +742,7 @@ class LeaseStore:
                 % (pool, min_block, self.capacity, self._min_block)
             )
         if pool_file_size != self.capacity:
-            raise _CleanStart(
-                "the pool file is %d bytes, not %d" % (pool_file_size, self.capacity)
-            )
+            raise _CleanStart("the pool file is %d bytes, not %d" % (pool_file_size, self.capacity))
         if saved_at > wall_now:
             raise _CleanStart(
                 "the wall clock went backwards (the table was saved %.3f s in the future)"
@@ -771,4 +778,4 @@ class LeaseStore:
     def _freeze(self) -> None:
         gc.collect(1)  # young garbage first, so no garbage cycle is frozen with the rest
         gc.freeze()
-        self._frozen_at = self.allocator.nodes_made
+        self._gc_floor = self.allocator.split_blocks

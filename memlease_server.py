@@ -282,12 +282,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.allow,
         )
     if metrics is not None:
-        log.info("metrics at http://%s:%d/metrics", *metrics.address)
+        log.info("metrics at %s", metrics.url)
     server.serve_forever()
     log.info("stopped: requests in flight were answered")
     if metrics is not None:
         metrics.close()
-    store.save()
+    try:
+        store.save()
+    except OSError as exc:
+        log.error("cannot save the lease table, so the next start will be empty: %s", exc)
+        server.close()
+        return 1
     server.close()
     return 0
 

@@ -278,6 +278,11 @@ class MetricsServer:
             sock.setblocking(False)
             self.scrapes.add(_Scrape(self, sock))
 
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return "http://%s:%d/metrics" % ("[%s]" % host if ":" in host else host, port)
+
     def _pause_accepting(self) -> None:
         fd = self.listener.fileno()
         self.loop.remove_reader(fd)

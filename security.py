@@ -65,10 +65,15 @@ class Tenants:
 
     @classmethod
     def parse(cls, text: str, source: str) -> "Tenants":
-        """Lines ``NAME TOKEN [MAX_BYTES]``, or a lone token: one tenant, as before tenants.
+        """Lines ``NAME TOKEN [MAX_BYTES]``; or, as before tenants, a lone line: one token.
 
-        ``#`` starts a comment line; blank lines are skipped.  Tokens hold no whitespace.
+        ``#`` starts a comment line; blank lines are skipped.  A file of one line is read
+        as a token, spaces and all, as it always was; so a file of one tenant needs a
+        comment line (or it is one token).  Tenants' tokens hold no whitespace.
         """
+        kept = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(kept) == 1 and not kept[0].startswith("#"):
+            return cls.single(kept[0].encode())
         lines = [
             (number, line.split())
             for number, line in enumerate(text.splitlines(), 1)
@@ -76,8 +81,6 @@ class Tenants:
         ]
         if not lines:
             raise ValueError("%s holds no token" % source)
-        if len(lines) == 1 and len(lines[0][1]) == 1:
-            return cls.single(lines[0][1][0].encode())
         tenants = []
         for number, fields in lines:
             if not 2 <= len(fields) <= 3:

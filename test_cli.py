@@ -399,6 +399,14 @@ def test_tls_options_reach_a_tls_server(tmp_path: Path) -> None:
         assert out.returncode == 1 and out.stdout == b""
         assert out.stderr.startswith(b"memlease_client.py: TLS handshake with 127.0.0.1:")
         assert out.stderr.count(b"\n") == 1
+    client_file = tmp_path / "client.pem"
+    authority.issue_cert("client").private_key_and_cert_chain_pem.write_to_path(str(client_file))
+    with server_process("1M", *tls, "--tls-ca", str(ca_file)) as mutual:
+        trusting = ("--tls-ca", str(ca_file))
+        out = cli("stats", *trusting, "--tls-cert", str(client_file), port=mutual.port)
+        assert out.returncode == 0 and b"pool_bytes 1048576\n" in out.stdout
+        out = cli("stats", *trusting, port=mutual.port)  # no client certificate: refused
+        assert out.returncode == 1 and out.stdout == b"" and out.stderr.count(b"\n") == 1
 
 
 def test_the_picture_shows_each_cell_by_how_much_of_it_is_used() -> None:
@@ -465,11 +473,11 @@ def test_no_answer_and_ctrl_c_end_in_one_line_or_quietly() -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never answers
         silent.settimeout(TIMEOUT)
         port = silent.getsockname()[1]
-        out = cli("stats", "--timeout", "0.3", port=port)
+        out = cli("stats", "--timeout", "1", port=port)
         assert outcome(out) == (
             1,
             b"",
-            b"memlease_client.py: 127.0.0.1:%d did not answer within 0.3s\n" % port,
+            b"memlease_client.py: 127.0.0.1:%d did not answer within 1.0s\n" % port,
         )
         silent.accept()[0].close()
         waiting = subprocess.Popen(

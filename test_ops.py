@@ -29,8 +29,10 @@ import systemd
 from lease_server import MemLeaseServer
 from lease_store import LeaseStore
 from memlease_client import LeaseNotFound, MemLeaseClient, OutOfMemory
+from memlease_server import build_parser
 from metrics import MetricsServer, render_service
 from test_memlease import SERVER, TIMEOUT, ServerProcess, wait_for
+from units import parse_size
 
 HERE = Path(__file__).resolve().parent
 CONTRIB = HERE / "contrib"
@@ -197,6 +199,21 @@ def test_a_state_file_in_use_is_refused_in_one_line(state_dir: Path) -> None:
         b"memlease_server: cannot reserve 1048576 bytes in %s: " % (state.encode())
     )
     assert b"another server is using the state file" in out.stderr
+
+
+def test_a_table_that_cannot_be_saved_is_said_and_the_exit_is_1(state_dir: Path) -> None:
+    state = str(state_dir / "pool")
+    with running("1M", "--bind", "127.0.0.1", "--state-file", state) as server:
+        with client(server) as c:
+            c.lease(100, 60000)
+        state_dir.chmod(0o500)  # no new file can be made there now
+        try:
+            server.proc.terminate()
+            assert server.proc.wait(TIMEOUT) == 1
+        finally:
+            state_dir.chmod(0o700)
+        assert "cannot save the lease table, so the next start will be empty" in server.output()
+    assert not os.path.exists(state + ".leases")
 
 
 # Socket activation.
@@ -440,3 +457,44 @@ def test_the_map_shows_the_share_of_each_cell_that_leases_use() -> None:
         assert dict(reply.free_blocks) == {1 << n: 1 for n in range(10, 19)}
         c.release(half)
         assert sum(c.pool_map(64).used) == 1024
+
+
+# The unit files.
+
+
+def unit_settings(name: str) -> Dict[str, str]:
+    """key -> value of a unit file (the last of repeated keys), continuation lines joined."""
+    text = (CONTRIB / name).read_text().replace("\\\n", " ")
+    settings = {}
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if equals and not line.startswith("#"):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_the_service_runs_the_command_line_with_memory_for_its_pool() -> None:
+    service = unit_settings("memlease.service")
+    argv = service["ExecStart"].split()[2:]
+    args = build_parser().parse_args([arg.replace("%d", "/creds") for arg in argv])
+    assert (args.port, args.state_file) == (412, "/run/memlease/pool")
+    assert args.state_file.startswith("/run/%s/" % service["RuntimeDirectory"])
+    memory_max = parse_size(service["MemoryMax"])
+    # Room for the pool and its largest write staged at once, and not much more.
+    assert args.max_memory + args.max_frame < memory_max <= args.max_memory * 3 // 2
+    assert service["DynamicUser"] == "yes" and "User" not in service
+    assert unit_settings("memlease.socket")["ListenStream"] == "412"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_reads_the_unit_files_without_a_complaint(tmp_path: Path) -> None:
+    for name in ("memlease.service", "memlease.socket"):
+        shutil.copy(CONTRIB / name, tmp_path / name)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", "memlease.socket", "memlease.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    complaints = [line for line in out.stderr.decode().splitlines() if "memlease." in line]
+    assert out.returncode == 0 and complaints == [], out.stderr

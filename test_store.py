@@ -136,6 +136,25 @@ def test_dropped_nodes_leave_no_cycles_for_the_collector():
         store.close()
 
 
+def test_growth_moves_the_tree_out_of_the_collectors_way_and_churn_does_not(monkeypatch):
+    monkeypatch.setattr(lease_store, "FREEZE_STEP", 200)
+    store = LeaseStore(1 << 20)
+    try:
+        gc.collect()
+        for _ in range(5000):
+            store.lease(32, 60_000)
+        assert store.allocator.split_blocks > 4000
+        watched = sum(1 for o in gc.get_objects() if isinstance(o, Block))  # frozen ones are not
+        assert watched <= 4 * 200 + 40
+        frozen = gc.get_freeze_count()
+        for _ in range(2000):
+            store.release(store.lease(32, 60_000))
+        assert gc.get_freeze_count() <= frozen  # turnover alone freezes nothing more
+    finally:
+        gc.unfreeze()
+        store.close()
+
+
 # The store against a model: a dict of the live leases and their bytes.
 
 
@@ -644,3 +663,38 @@ def test_zeroing_gives_whole_pages_back_and_writes_the_ragged_ends():
         assert data[100 + 3 * 4096 :] == b"\xff" * (len(data) - 100 - 3 * 4096)
     finally:
         memory.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no tmpfs at /dev/shm")
+def test_a_freed_block_of_a_pool_file_goes_back_to_the_os(tmp_path):
+    path = "/dev/shm/memlease-test-%d-%s" % (os.getpid(), tmp_path.name)
+    store = LeaseStore(4 << 20, state_file=path)
+    try:
+        lease_id = store.lease(1 << 20, 60_000)
+        store.write(lease_id, 0, b"\x01" * (1 << 20))
+        assert os.stat(path).st_blocks * 512 >= 1 << 20
+        store.release(lease_id)
+        assert os.stat(path).st_blocks * 512 < 64 << 10  # punched out, not zeros written
+    finally:
+        store.close()
+        for leftover in (path, path + ".leases"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def test_deadlines_past_the_narrow_columns_range_keep_their_order():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        early = store.lease(10, 2_000_000_000)
+        clock.now += 1_900_000
+        assert store.renew(early, 2_000_000_000) == protocol.OK  # 3.9e9 ms: 32 bits hold it
+        clock.now += 1_900_000  # 44 days on: the next deadline needs more than 32 bits
+        late = store.lease(10, 2_000_000_000)
+        assert store.next_deadline() == pytest.approx(1000.0 + 3_900_000)
+        assert store.renew(early, 1_000) == protocol.OK
+        assert store.next_deadline() == pytest.approx(clock.now + 1.0)
+        clock.now += 2
+        assert store.expire_due(10) == 1 and store.read(late)[0] == protocol.OK
+    finally:
+        store.close()
