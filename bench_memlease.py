@@ -187,7 +187,7 @@ def _free_port() -> int:
 
 def start_ours(
     pool: str, log: "tempfile._TemporaryFileWrapper[str]"
-) -> Tuple[subprocess.Popen, Target]:
+) -> Tuple["subprocess.Popen[bytes]", Target]:
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "memlease_server.py"), "0", pool, "--bind", "127.0.0.1", "-q"],
         stdout=log,
@@ -202,7 +202,7 @@ def start_ours(
     raise RuntimeError("memlease_server did not start: " + Path(log.name).read_text())
 
 
-def start_memcached() -> Optional[Tuple[subprocess.Popen, Target]]:
+def start_memcached() -> Optional[Tuple["subprocess.Popen[bytes]", Target]]:
     binary = shutil.which("memcached")
     if binary is None:
         return None
@@ -221,7 +221,7 @@ def start_memcached() -> Optional[Tuple[subprocess.Popen, Target]]:
     raise RuntimeError("memcached did not start")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: "subprocess.Popen[bytes]") -> None:
     proc.terminate()
     try:
         proc.wait(5)
@@ -405,9 +405,18 @@ def _raw_rates(reps: int) -> Tuple[float, float]:
     sends, receives = [], []
     try:
         with socket.create_connection(("127.0.0.1", ports.get(timeout=10)), timeout=30) as sock:
+
+            def send() -> None:
+                sock.sendall(data)
+                sock.recv(1)
+
+            def receive() -> None:
+                sock.sendall(b"g")
+                _recv_into_all(sock, LARGE)
+
             for _ in range(reps):
-                sends.append(_time(lambda: (sock.sendall(data), sock.recv(1))))
-                receives.append(_time(lambda: (sock.sendall(b"g"), _recv_into_all(sock, LARGE))))
+                sends.append(_time(send))
+                receives.append(_time(receive))
     finally:
         peer.join(10)
         if peer.is_alive():

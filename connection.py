@@ -179,7 +179,8 @@ class Connection:
 
     @property
     def wants_input(self) -> bool:
-        return not self.closing and self.output_size < HIGH_WATER
+        """Whether to read more: not while replies or whole requests are backed up."""
+        return not (self.closing or self._yielded) and self.output_size < HIGH_WATER
 
     @property
     def uploading(self) -> bool:
@@ -368,19 +369,9 @@ class Connection:
         if len(data) > self.service.max_data:
             status = protocol.TOO_LARGE
         else:
-            status = self._store_write(lease_id, offset, data, zero_rest)
+            status = self.store.write(lease_id, offset, data, self.tenant or 0, zero_rest)
         self._finish(request, protocol.DataSet(status))
 
-    def _store_write(self, lease_id: int, offset: int, data: Buffer, zero_rest: bool) -> int:
-        tenant = self.tenant or 0
-        status = self.store.write(lease_id, offset, data, tenant)
-        if status == protocol.OK and zero_rest:
-            status, tail = self.store.read(lease_id, len(data), -1, tenant)
-            self.store.counters["gets"] -= 1  # part of the write, not a read
-            if status == protocol.OK:
-                self.store.write(lease_id, len(data), bytes(len(tail)), tenant)
-                self.store.counters["sets"] -= 1
-        return status
 
     def _access(self, message: protocol.AccessData) -> None:
         status, view = self.store.read(message.lease_id, 0, -1, self.tenant or 0)
@@ -507,8 +498,12 @@ class Connection:
         if self._decoder.payload_left:
             return False
         frame = upload.frame
-        status = self._store_write(
-            frame.lease_id, frame.offset, upload.view, frame.msg_type == protocol.REPLACE
+        status = self.store.write(
+            frame.lease_id,
+            frame.offset,
+            upload.view,
+            self.tenant or 0,
+            zero_rest=frame.msg_type == protocol.REPLACE,
         )
         self._drop_upload()
         self._finish(_UploadRequest(frame), protocol.DataSet(status))

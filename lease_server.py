@@ -105,7 +105,9 @@ class Channel:
         self.closed = False
         self.resuming = False  # a resume() of the connection is due on the next turn
         self.timer: Timer = self.loop.call_later(server.idle_timeout, self._check_timeouts)
-        if self.handshaking:
+        if self.handshaking:  # a handshake must finish as fast as a frame must arrive
+            self.frame_since = self.last_active
+            self._wake_by(self.last_active + server.frame_timeout)
             self._handshake()
         else:
             self._set_reading(True)
@@ -226,7 +228,10 @@ class Channel:
             deadline = min(
                 self.frame_since + server.frame_timeout, self.last_active + server.idle_timeout
             )
-            reason = "frame incomplete after %gs" % server.frame_timeout
+            reason = "%s incomplete after %gs" % (
+                "TLS handshake" if self.handshaking else "frame",
+                server.frame_timeout,
+            )
         else:
             deadline = self.last_active + server.idle_timeout
             reason = "idle for %gs" % server.idle_timeout
@@ -508,8 +513,10 @@ class MemLeaseServer:
                     sock.close()
                     continue
             service.counters["total_connections"] += 1
-            self.channels.add(Channel(self, sock, peer))
-            log.debug("%s connected", peer)
+            channel = Channel(self, sock, peer)
+            if not channel.closed:  # a handshake can fail at once, on bytes already here
+                self.channels.add(channel)
+                log.debug("%s connected", peer)
 
     def _pause_accepting(self, listener: socket.socket) -> None:
         fd = listener.fileno()

@@ -286,8 +286,13 @@ class LeaseStore:
             return protocol.NOT_FOUND
         return self._write_status(pos, offset, length)
 
-    def write(self, lease_id: int, offset: int, data: Bytes, tenant: int = 0) -> int:
-        """Write all of ``data`` at ``offset``, or nothing; returns a status."""
+    def write(
+        self, lease_id: int, offset: int, data: Bytes, tenant: int = 0, zero_rest: bool = False
+    ) -> int:
+        """Write all of ``data`` at ``offset``, or nothing; returns a status.
+
+        With ``zero_rest`` the lease's bytes after the data become zeros in the same step.
+        """
         self.counters["sets"] += 1
         pos = self._live(lease_id, tenant)
         if pos < 0:
@@ -297,6 +302,9 @@ class LeaseStore:
         if status == protocol.OK:
             start = self._offsets[pos] + offset
             self._view[start : start + n] = data
+            if zero_rest:
+                end = self._offsets[pos] + self._sizes[pos]
+                self.memory.zero(start + n, end - start - n)
         return status
 
     def read(

@@ -436,6 +436,24 @@ def test_a_silent_tls_client_stalls_nobody(tls_files):
                 sock.close()
 
 
+def test_a_tls_handshake_must_finish_within_the_frame_timeout(tls_files, caplog):
+    caplog.set_level(logging.INFO, logger="memlease")
+    context = security.server_tls_context(tls_files["cert"], tls_files["key"])
+    store = LeaseStore(1 << 20)
+    server = MemLeaseServer(("127.0.0.1", 0), store, ssl_context=context, frame_timeout=0.3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with raw(server) as silent:  # connected, and never says hello
+            assert closed_by_peer(silent)
+        assert wait_for(lambda: not server.channels)
+        assert warnings_with(caplog, "closed: TLS handshake incomplete after 0.3s")
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.close()
+
+
 def test_a_plain_client_on_a_tls_port_fails_at_once(tls_files):
     context = security.server_tls_context(tls_files["cert"], tls_files["key"])
     with serving(context) as server:
@@ -444,6 +462,13 @@ def test_a_plain_client_on_a_tls_port_fails_at_once(tls_files):
             assert closed_by_peer(sock)  # within the socket timeout: no hang
         with pytest.raises(MemLeaseError):
             client(server).lease(32)
+        plain = [raw(server) for _ in range(20)]  # their bytes often arrive before the accept
+        for sock in plain:
+            sock.sendall(protocol.Lease(32, 1000).encode())
+        assert all(closed_by_peer(sock) for sock in plain)
+        for sock in plain:
+            sock.close()
+        assert wait_for(lambda: not server.channels)  # none is left behind, half-closed
 
 
 def test_tls_through_both_command_lines(tls_files):
