@@ -303,30 +303,30 @@ class Connection:
                 continue
             if message is None:
                 return
-            if isinstance(message, protocol.DataFrame):
-                self._begin_upload(message)
+            kind = type(message)
+            if kind is protocol.DataFrame:
+                self._begin_upload(message)  # type: ignore[arg-type]
+            elif self.tenant is None and kind is not protocol.Auth:
+                status = protocol.UNAUTHORIZED
+                reply = protocol.Error(status, protocol.REQUEST_TYPES[kind])
+                self._finish(message, reply, status)
             else:
-                self._answer(message)
+                _ANSWERS[kind](self, message)
 
-    def _answer(self, message: protocol.Message) -> None:
-        kind = type(message)
-        if self.tenant is None and kind is not protocol.Auth:
-            msg_type = protocol.REQUEST_TYPES[kind]
-            self._finish(message, protocol.Error(protocol.UNAUTHORIZED, msg_type))
-            return
-        _ANSWERS[kind](self, message)
+    def _finish(self, request: object, reply: protocol.Reply, status: int) -> None:
+        """Queue ``reply``, count the request by its command and ``status``, and log it."""
+        data = reply.encode()
+        self._small += data
+        self.output_size += len(data)
+        self._account(request, reply, status)
 
-    def _finish(self, request: object, reply: protocol.Reply) -> None:
-        """Queue ``reply``, count it, and log the request."""
-        self._reply(reply.encode())
-        self._account(request, reply)
-
-    def _account(self, request: object, reply: "Union[protocol.Reply, _StreamedData]") -> None:
+    def _account(
+        self, request: object, reply: "Union[protocol.Reply, _StreamedData]", status: int
+    ) -> None:
         """Count a request answered, by command and status, and log it."""
-        status = _status(request, reply)
         self.answered += 1
         self.service.requests[_command(request), status] += 1
-        if status == protocol.NOT_FOUND and not isinstance(reply, protocol.Leased):
+        if status == protocol.NOT_FOUND and type(reply) is not protocol.Leased:
             self.misses += 1
             if security.guessing(self.misses, self.answered):
                 self._close_guessing()
@@ -352,7 +352,7 @@ class Connection:
         lease_id = self.store.lease(
             message.size, message.duration_ms, tenant, self.service.quota(tenant)
         )
-        self._finish(message, protocol.Leased(lease_id))
+        self._finish(message, protocol.Leased(lease_id), min(lease_id, 0))
 
     def _set(self, message: protocol.SetData) -> None:
         self._write_now(message, message.lease_id, 0, message.data, zero_rest=False)
@@ -370,13 +370,13 @@ class Connection:
             status = protocol.TOO_LARGE
         else:
             status = self.store.write(lease_id, offset, data, self.tenant or 0, zero_rest)
-        self._finish(request, protocol.DataSet(status))
+        self._finish(request, protocol.DataSet(status), status)
 
 
     def _access(self, message: protocol.AccessData) -> None:
         status, view = self.store.read(message.lease_id, 0, -1, self.tenant or 0)
         if status != protocol.OK:  # the original answers an unknown lease with no data
-            self._finish(message, protocol.Data(message.lease_id, b""))
+            self._finish(message, protocol.Data(message.lease_id, b""), protocol.NOT_FOUND)
             return
         self._send_data(message, message.lease_id, view)
 
@@ -385,29 +385,29 @@ class Connection:
             message.lease_id, message.offset, message.length, self.tenant or 0
         )
         if status != protocol.OK:
-            self._finish(message, protocol.DataSet(status))
+            self._finish(message, protocol.DataSet(status), status)
             return
         self._send_data(message, message.lease_id, view)
 
     def _send_data(self, request: object, lease_id: int, view: memoryview) -> None:
         if len(view) < protocol.STREAM_MIN:
             reply = protocol.Data(lease_id, view.tobytes())
-            self._finish(request, reply)
+            self._finish(request, reply, protocol.OK)
             return
         self._reply(protocol.data_head(lease_id, len(view)))
         self._reply_view(view, self.store.pin(lease_id))
-        self._account(request, _StreamedData(lease_id, len(view)))
+        self._account(request, _StreamedData(lease_id, len(view)), protocol.OK)
 
     def _renew(self, message: protocol.Renew) -> None:
         status = self.store.renew(message.lease_id, message.duration_ms, self.tenant or 0)
-        self._finish(message, protocol.DataSet(status))
+        self._finish(message, protocol.DataSet(status), status)
 
     def _release(self, message: protocol.Release) -> None:
         status = self.store.release(message.lease_id, self.tenant or 0)
-        self._finish(message, protocol.DataSet(status))
+        self._finish(message, protocol.DataSet(status), status)
 
     def _stats(self, message: protocol.Stats) -> None:
-        self._finish(message, protocol.StatsReply(self.service.stats(self.tenant)))
+        self._finish(message, protocol.StatsReply(self.service.stats(self.tenant)), protocol.OK)
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
         cells = min(max(message.cells, 1), 65536)
@@ -420,7 +420,7 @@ class Connection:
             tuple(self.store.usage_by_cell(cells)),
             tuple(sorted(self.store.free_blocks().items())),
         )
-        self._finish(message, reply)
+        self._finish(message, reply, protocol.OK)
 
     def _auth(self, message: protocol.Auth) -> None:
         service = self.service
@@ -442,12 +442,12 @@ class Connection:
                 service.warn("auth", self.peer, "%s presented a wrong token; closing", self.peer)
         if tenant is None:
             service.counters["auth_failures"] += 1
-            self._finish(message, protocol.DataSet(protocol.UNAUTHORIZED))
+            self._finish(message, protocol.DataSet(protocol.UNAUTHORIZED), protocol.UNAUTHORIZED)
             self.tenant = None
             self.closing = True
             return
         self.tenant = tenant
-        self._finish(message, protocol.DataSet(protocol.OK))
+        self._finish(message, protocol.DataSet(protocol.OK), protocol.OK)
 
     def _close_guessing(self) -> None:
         """Most of what this connection asks for does not exist: it is guessing lease ids.
@@ -484,9 +484,9 @@ class Connection:
         if status != protocol.OK:
             self._decoder.skip_payload()
             if status == protocol.UNAUTHORIZED:
-                self._finish(request, protocol.Error(status, frame.msg_type))
+                self._finish(request, protocol.Error(status, frame.msg_type), status)
             else:
-                self._finish(request, protocol.DataSet(status))
+                self._finish(request, protocol.DataSet(status), status)
             return
         self._upload = _Upload(frame, self.service.staging.take(frame.length))
 
@@ -506,7 +506,7 @@ class Connection:
             zero_rest=frame.msg_type == protocol.REPLACE,
         )
         self._drop_upload()
-        self._finish(_UploadRequest(frame), protocol.DataSet(status))
+        self._finish(_UploadRequest(frame), protocol.DataSet(status), status)
         return True
 
     def _drop_upload(self) -> None:
@@ -557,17 +557,6 @@ def _command(request: object) -> str:
     if isinstance(request, _UploadRequest):
         return _UPLOAD_NAMES[request.frame.msg_type]
     return _COMMANDS[type(request)]
-
-
-def _status(request: object, reply: object) -> int:
-    """The status a reply stands for; the original's get says "not found" with no data."""
-    if isinstance(reply, protocol.Leased):
-        return min(reply.lease_id, 0)
-    if isinstance(reply, (protocol.DataSet, protocol.Error)):
-        return reply.status
-    if isinstance(request, protocol.AccessData) and isinstance(reply, protocol.Data):
-        return protocol.OK if reply.data else protocol.NOT_FOUND
-    return protocol.OK
 
 
 def _describe_request(request: Any) -> str:

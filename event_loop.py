@@ -192,7 +192,9 @@ class EventLoop:
     def _run_due_timers(self) -> None:
         """Run the timers due now; ones that a callback schedules for now wait a turn."""
         timers = self._timers
-        now = self.clock()
+        now = self.now
+        if not timers or timers[0][0] > now:
+            return
         due = []
         while timers and timers[0][0] <= now:
             due.append(heapq.heappop(timers)[2])

@@ -188,8 +188,11 @@ class Channel:
             return
         if self.closed:
             return
-        self._set_reading(conn.wants_input and not self.peer_done)
-        self._set_writing(bool(conn.output_size))
+        reading = not self.peer_done and conn.wants_input
+        if reading is not self.reading:
+            self._set_reading(reading)
+        if bool(conn.output_size) is not self.writing:
+            self._set_writing(not self.writing)
         if conn.has_backlog and not self.resuming:
             self.resuming = True
             self.loop.call_soon(self._resume)

@@ -536,8 +536,10 @@ class LeaseStore:
 
     def _find(self, lease_id: int, tenant: int) -> int:
         """The position of the tenant's lease, or -1: another tenant's lease is not found."""
-        pos = self._position(lease_id)
-        return pos if pos >= 0 and self._tenants[pos] == tenant else -1
+        pos = self._index[lease_id & self._mask]  # _position(), inlined: every access runs it
+        if 0 <= pos < len(self._ids) and self._ids[pos] == lease_id:
+            return pos if self._tenants[pos] == tenant else -1
+        return -1
 
     def _live(self, lease_id: int, tenant: int) -> int:
         """Like _find, but a lease whose deadline has passed is expired now and not found."""

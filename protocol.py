@@ -366,6 +366,12 @@ def _copy(buf: bytearray, start: int, end: int) -> bytes:
         return view[start:end].tobytes()
 
 
+def _type_at(buf: bytearray, payload_start: int) -> int:
+    """The message type in the header before the payload at ``payload_start``."""
+    msg_type: int = HEADER.unpack_from(buf, payload_start - HEADER_SIZE)[0]
+    return msg_type
+
+
 def _fixed(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
     """A parser for a payload of exactly ``layout.size`` bytes."""
 
@@ -373,7 +379,7 @@ def _fixed(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
         if length != layout.size:
             raise BadMessage(
                 MALFORMED,
-                HEADER.unpack_from(buf, start - HEADER_SIZE)[0],
+                _type_at(buf, start),
                 "payload is %d bytes, expected %d" % (length, layout.size),
             )
         return make(*layout.unpack_from(buf, start))
@@ -385,14 +391,15 @@ def _with_data(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
     """A parser for fixed fields whose last one counts the data bytes that follow."""
 
     def parse(buf: bytearray, start: int, length: int) -> Message:
-        msg_type = HEADER.unpack_from(buf, start - HEADER_SIZE)[0]
         if length < layout.size:
-            raise BadMessage(MALFORMED, msg_type, "payload too short: %d bytes" % length)
+            raise BadMessage(
+                MALFORMED, _type_at(buf, start), "payload too short: %d bytes" % length
+            )
         *fields, count = layout.unpack_from(buf, start)
         if count != length - layout.size:
             raise BadMessage(
                 MALFORMED,
-                msg_type,
+                _type_at(buf, start),
                 "data length %d disagrees with the frame's %d" % (count, length - layout.size),
             )
         return make(*fields, _copy(buf, start + layout.size, start + length))
@@ -518,7 +525,7 @@ class Decoder:
     @property
     def in_frame(self) -> bool:
         """Whether part of a frame is waiting for the rest."""
-        return bool(self.buffered or self.payload_left or self._discard_left)
+        return len(self._buf) > self._start or bool(self.payload_left or self._discard_left)
 
     def read_payload(self, into: memoryview) -> int:
         """Move buffered data bytes of the current DataFrame into ``into``; returns how many."""
@@ -555,7 +562,9 @@ class Decoder:
         start = self._start
         available = len(buf) - start
         if available < HEADER_SIZE:
-            self._compact()
+            if start:  # compact: what has been consumed goes
+                del buf[:start]
+                self._start = 0
             return None
         msg_type, length = HEADER.unpack_from(buf, start)
         fixed = self._streamed.get(msg_type)
