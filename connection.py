@@ -28,6 +28,7 @@ HIGH_WATER = 256 * 1024  # unsent bytes past which requests wait in the decoder
 # Requests answered for one connection before the others get a turn: a client that
 # pipelines thousands of requests in one read must not hold up everyone else.
 TURN_BUDGET = 128
+MAX_MAP_CELLS = 4096  # a map's cost grows with its cells: more are not drawn
 Buffer = Union[bytes, bytearray, memoryview]
 
 
@@ -72,7 +73,8 @@ class Service:
         )
         self.connections: Callable[[], int] = lambda: 0  # the server tells how many are open
         self.expiry_lag = 0.0  # seconds the last expiry pass ran after its time
-        self.staging = StagingBuffers()
+        # Unfinished uploads may hold as much as the pool, and 64 MiB at least.
+        self.staging = StagingBuffers(max(store.capacity, 64 << 20))
         self._started = time.monotonic()
 
     def stats(self, tenant: Optional[int]) -> Dict[str, int]:
@@ -122,15 +124,23 @@ class StagingBuffers:
     A fresh mapping costs a page fault per page on first touch, which would halve the
     speed of a large set; up to ``keep_bytes`` of finished buffers are kept instead.
     A kept buffer's old bytes are never read: an upload reads only what it received.
+    At most ``limit`` bytes are lent out at once, so unfinished uploads on many
+    connections cannot take more memory than that.
     """
 
-    def __init__(self, keep_bytes: int = 64 << 20) -> None:
+    def __init__(self, limit: int, keep_bytes: int = 64 << 20) -> None:
+        self.limit = limit
         self.keep_bytes = keep_bytes
+        self.lent = 0
         self._free: Dict[int, List[mmap.mmap]] = collections.defaultdict(list)
         self._kept = 0
 
-    def take(self, length: int) -> mmap.mmap:
+    def take(self, length: int) -> Optional[mmap.mmap]:
+        """A buffer for ``length`` bytes, or None while the lent ones fill the limit."""
         size = 1 << (length - 1).bit_length()
+        if self.lent + size > self.limit:
+            return None
+        self.lent += size
         free = self._free[size]
         if free:
             self._kept -= size
@@ -138,7 +148,8 @@ class StagingBuffers:
         return mmap.mmap(-1, size)
 
     def give(self, buffer: mmap.mmap) -> None:
-        """Keep ``buffer`` for the next upload, or let it be unmapped."""
+        """Take ``buffer`` back: keep it for the next upload, or let it be unmapped."""
+        self.lent -= len(buffer)
         if self._kept + len(buffer) <= self.keep_bytes:
             self._free[len(buffer)].append(buffer)
             self._kept += len(buffer)
@@ -165,6 +176,7 @@ class Connection:
         self.peer = peer
         self.tenant = service.authenticate(None)
         self.closing = False  # nothing more is read or answered; close once flushed
+        self.input_done = False  # nothing more is read; close once all is answered
         self.output_size = 0
         self.answered = 0  # requests answered so far
         self.misses = 0  # of them, for lease ids that do not exist (or not this tenant's)
@@ -173,6 +185,7 @@ class Connection:
         self._small = bytearray()  # small replies, joined until they are sent
         self._upload: Optional[_Upload] = None
         self._paused = False  # requests wait in the decoder until the output drains
+        self._views_queued = 0  # replies queued as views of the pool, not yet sent
         self._yielded = False  # requests wait in the decoder for the next turn
 
     # Input.
@@ -180,7 +193,10 @@ class Connection:
     @property
     def wants_input(self) -> bool:
         """Whether to read more: not while replies or whole requests are backed up."""
-        return not (self.closing or self._yielded) and self.output_size < HIGH_WATER
+        return (
+            not (self.closing or self.input_done or self._yielded)
+            and self.output_size < HIGH_WATER
+        )
 
     @property
     def uploading(self) -> bool:
@@ -217,12 +233,16 @@ class Connection:
         self.stop()
 
     def stop(self) -> None:
-        """Answer every request already whole (past the high water too), take no more."""
-        if self.closing:
+        """Take no more input; answer every request already whole, then close.
+
+        The answering keeps to the high water and the turn's budget as ever: the rest
+        of the requests are answered as the replies drain (see ``sent`` and ``resume``).
+        """
+        if self.input_done:
             return
-        self._process(drain=True)
-        self.closing = True
-        self._drop_upload()
+        self.input_done = True
+        self._drop_upload()  # not whole: it will never be
+        self._process()
 
     # Output.
 
@@ -250,7 +270,8 @@ class Connection:
             out.popleft()
             if pin is not None:
                 self.store.unpin(pin)
-        if self._paused and self.output_size < HIGH_WATER and not self.closing:
+                self._views_queued -= 1
+        if self._paused and self.output_size < HIGH_WATER and not self._views_queued:
             self._process()
 
     def close(self) -> None:
@@ -261,6 +282,7 @@ class Connection:
             if pin is not None:
                 self.store.unpin(pin)
         self._out.clear()
+        self._views_queued = 0
         self._small = bytearray()
         self.output_size = 0
 
@@ -276,18 +298,19 @@ class Connection:
         if self._yielded and not self._paused:
             self._process()
 
-    def _process(self, drain: bool = False) -> None:
+    def _process(self) -> None:
         decoder = self._decoder
         self._paused = self._yielded = False
         budget_end = self.answered + TURN_BUDGET
         while not self.closing:
-            if not drain:
-                if self.output_size >= HIGH_WATER:
-                    self._paused = True  # sent() resumes once the output drains
-                    return
-                if self.answered >= budget_end:
-                    self._yielded = True  # the loop calls resume() on its next turn
-                    return
+            # A reply sent from the pool must be out before a later request can change
+            # the lease: replies on one connection show the lease in request order.
+            if self.output_size >= HIGH_WATER or self._views_queued:
+                self._paused = True  # sent() resumes once the output drains
+                return
+            if self.answered >= budget_end:
+                self._yielded = True  # the loop calls resume() on its next turn
+                return
             if self._upload is not None and not self._continue_upload():
                 return
             try:
@@ -302,11 +325,14 @@ class Connection:
                 self._reply(protocol.Error(exc.status, exc.msg_type).encode())
                 continue
             if message is None:
+                if self.input_done:
+                    self.closing = True  # all that was whole is answered
                 return
+            if isinstance(message, protocol.DataFrame):
+                self._begin_upload(message)
+                continue
             kind = type(message)
-            if kind is protocol.DataFrame:
-                self._begin_upload(message)  # type: ignore[arg-type]
-            elif self.tenant is None and kind is not protocol.Auth:
+            if self.tenant is None and kind is not protocol.Auth:
                 status = protocol.UNAUTHORIZED
                 reply = protocol.Error(status, protocol.REQUEST_TYPES[kind])
                 self._finish(message, reply, status)
@@ -315,9 +341,7 @@ class Connection:
 
     def _finish(self, request: object, reply: protocol.Reply, status: int) -> None:
         """Queue ``reply``, count the request by its command and ``status``, and log it."""
-        data = reply.encode()
-        self._small += data
-        self.output_size += len(data)
+        self._reply(reply.encode())
         self._account(request, reply, status)
 
     def _account(
@@ -345,6 +369,7 @@ class Connection:
             self._out.append((self._small, None))
             self._small = bytearray()
         self._out.append((view, pin))
+        self._views_queued += 1
         self.output_size += len(view)
 
     def _lease(self, message: protocol.Lease) -> None:
@@ -410,7 +435,7 @@ class Connection:
         self._finish(message, protocol.StatsReply(self.service.stats(self.tenant)), protocol.OK)
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
-        cells = min(max(message.cells, 1), 65536)
+        cells = min(max(message.cells, 1), MAX_MAP_CELLS)
         stats = self.store.stats()
         reply = protocol.PoolMapReply(
             stats["pool_bytes"],
@@ -473,6 +498,7 @@ class Connection:
 
     def _begin_upload(self, frame: protocol.DataFrame) -> None:
         request = _UploadRequest(frame)
+        buffer = None
         if self.tenant is None:
             status = protocol.UNAUTHORIZED
         elif frame.length > self.service.max_data:
@@ -481,14 +507,21 @@ class Connection:
             status = self.store.check_write(
                 frame.lease_id, frame.offset, frame.length, self.tenant
             )
-        if status != protocol.OK:
+        if status == protocol.OK:
+            buffer = self.service.staging.take(frame.length)
+            if buffer is None:  # uploads under way hold all the staging memory allowed
+                status = protocol.BUSY
+                self.service.warn(
+                    "staging", self.peer, "%s write refused: too many uploads under way", self.peer
+                )
+        if buffer is None:
             self._decoder.skip_payload()
             if status == protocol.UNAUTHORIZED:
                 self._finish(request, protocol.Error(status, frame.msg_type), status)
             else:
                 self._finish(request, protocol.DataSet(status), status)
             return
-        self._upload = _Upload(frame, self.service.staging.take(frame.length))
+        self._upload = _Upload(frame, buffer)
 
     def _continue_upload(self) -> bool:
         """Take buffered bytes of the write; True once it is whole and answered."""
@@ -543,11 +576,6 @@ class _StreamedData:
         self.length = length
 
 
-_UPLOAD_NAMES = {
-    protocol.SET_DATA: "set",
-    protocol.WRITE: "write",
-    protocol.REPLACE: "replace",
-}
 
 
 _COMMANDS = {kind: protocol.TYPE_NAMES[number] for kind, number in protocol.REQUEST_TYPES.items()}
@@ -555,38 +583,31 @@ _COMMANDS = {kind: protocol.TYPE_NAMES[number] for kind, number in protocol.REQU
 
 def _command(request: object) -> str:
     if isinstance(request, _UploadRequest):
-        return _UPLOAD_NAMES[request.frame.msg_type]
+        return protocol.TYPE_NAMES[request.frame.msg_type]
     return _COMMANDS[type(request)]
 
 
 def _describe_request(request: Any) -> str:
     """A request in words for the log: its command and what it asks."""
-    if isinstance(request, _UploadRequest):
-        frame = request.frame
-        return "%s %d (%d bytes at %d)" % (
-            _UPLOAD_NAMES[frame.msg_type],
-            frame.lease_id,
-            frame.length,
-            frame.offset,
-        )
     if isinstance(request, protocol.Lease):
         return "lease %d bytes for %d ms" % (request.size, request.duration_ms)
     name = _command(request)
-    if isinstance(request, (protocol.SetData, protocol.Replace)):
-        return "%s %d (%d bytes)" % (name, request.lease_id, len(request.data))
-    if isinstance(request, protocol.Write):
-        return "%s %d (%d bytes at %d)" % (
-            name,
-            request.lease_id,
-            len(request.data),
-            request.offset,
-        )
+    if isinstance(request, _UploadRequest):
+        frame = request.frame
+        return _span(name, frame.lease_id, frame.length, frame.offset)
+    if isinstance(request, (protocol.SetData, protocol.Replace, protocol.Write)):
+        return _span(name, request.lease_id, len(request.data), getattr(request, "offset", 0))
     if isinstance(request, protocol.Read):
-        return "%s %d (%d bytes at %d)" % (name, request.lease_id, request.length, request.offset)
+        return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, protocol.Renew):
         return "%s %d for %d ms" % (name, request.lease_id, request.duration_ms)
     lease_id = getattr(request, "lease_id", None)
     return name if lease_id is None else "%s %d" % (name, lease_id)
+
+
+def _span(name: str, lease_id: int, length: int, offset: int) -> str:
+    where = " at %d" % offset if offset else ""
+    return "%s %d (%d bytes%s)" % (name, lease_id, length, where)
 
 
 def _describe(reply: object, status: int) -> str:

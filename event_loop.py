@@ -22,12 +22,13 @@ TimeCallback = Callable[[], Optional[float]]
 class Timer:
     """A scheduled time event; :meth:`EventLoop.cancel` keeps it from running."""
 
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("when", "callback", "cancelled", "scheduled")
 
     def __init__(self, when: float, callback: TimeCallback) -> None:
         self.when = when
         self.callback = callback
         self.cancelled = False
+        self.scheduled = False  # in the loop's heap
 
 
 class _Handlers:
@@ -123,14 +124,20 @@ class EventLoop:
 
     def call_at(self, when: float, callback: TimeCallback) -> Timer:
         timer = Timer(when, callback)
-        heapq.heappush(self._timers, (when, next(self._sequence), timer))
+        self._schedule(timer)
         return timer
+
+    def _schedule(self, timer: Timer) -> None:
+        timer.scheduled = True
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
 
     def cancel(self, timer: Timer) -> None:
         """Keep ``timer`` from running; the heap is rebuilt once most of it is cancelled."""
         if timer.cancelled:
             return
         timer.cancelled = True
+        if not timer.scheduled:  # running now, or done: nothing in the heap to skip
+            return
         self._cancelled += 1
         if self._cancelled > 64 and self._cancelled * 2 > len(self._timers):
             self._timers = [entry for entry in self._timers if not entry[2].cancelled]
@@ -138,7 +145,8 @@ class EventLoop:
             self._cancelled = 0
 
     def call_soon(self, callback: FileCallback) -> None:
-        """Run ``callback`` on the next turn, after that turn's file events."""
+        """Run ``callback`` at the end of this turn (after its file events and timers), or of
+        the next one when added by those; the wait before it is skipped."""
         self._soon.append(callback)
 
     # Running.
@@ -183,7 +191,7 @@ class EventLoop:
     def _until_next_timer(self) -> Optional[float]:
         timers = self._timers
         while timers and timers[0][2].cancelled:
-            heapq.heappop(timers)
+            heapq.heappop(timers)[2].scheduled = False
             self._cancelled -= 1
         if not timers:
             return None
@@ -197,12 +205,16 @@ class EventLoop:
             return
         due = []
         while timers and timers[0][0] <= now:
-            due.append(heapq.heappop(timers)[2])
-        for timer in due:
+            timer = heapq.heappop(timers)[2]
+            timer.scheduled = False
             if timer.cancelled:
                 self._cancelled -= 1
+            else:
+                due.append(timer)
+        for timer in due:
+            if timer.cancelled:  # by a callback that ran before it in this batch
                 continue
             delay = timer.callback()
             if delay is not None and not timer.cancelled:
                 timer.when = self.clock() + delay
-                heapq.heappush(timers, (timer.when, next(self._sequence), timer))
+                self._schedule(timer)

@@ -28,6 +28,7 @@ ACCEPT_BATCH = 64  # connections accepted per readable event of a listener
 EXPIRY_SLICE = 256  # leases expired per turn of the loop at most (about 4 ms of work)
 LINGER_SECONDS = 1.0  # how long a closing connection waits for the peer's FIN
 SHUTDOWN_SECONDS = 1.5  # how long a stopping server waits for replies to drain
+STOP_READ_BYTES = 1 << 20  # what a stop still reads of a connection, to answer it
 DESCRIPTOR_RESERVE = 32  # descriptors kept back from --max-connections for files and logs
 
 
@@ -133,8 +134,9 @@ class Channel:
         log.error("%s internal error, closing", self.conn.peer, exc_info=True)
         self.close()
 
-    def _read(self, until_empty: bool = False) -> None:
-        """Receive and answer; once, or ``until_empty`` (all the kernel holds, when stopping)."""
+    def _read(self, at_least: int = 0) -> None:
+        """Receive and answer: one read, or (when stopping) reads until ``at_least`` bytes
+        or until the kernel holds no more."""
         if self.handshaking:
             self._handshake()
             return
@@ -161,7 +163,9 @@ class Channel:
                     conn.end_of_input()
                     break
                 # TLS may hold decrypted bytes that no readiness event will announce.
-                if not (until_empty or (self.tls and _pending(sock) and conn.wants_input)):
+                if received >= at_least and not (
+                    self.tls and _pending(sock) and conn.wants_input
+                ):
                     break
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
@@ -186,13 +190,12 @@ class Channel:
         conn = self.conn
         if conn.output_size and not self._flush():
             return
-        if self.closed:
+        if self.closed or self.lingering:  # lingering: only _linger reads, nothing is sent
             return
-        reading = not self.peer_done and conn.wants_input
-        if reading is not self.reading:
-            self._set_reading(reading)
-        if bool(conn.output_size) is not self.writing:
-            self._set_writing(not self.writing)
+        self._set_reading(conn.wants_input and not self.peer_done)
+        if self.reading and self.tls and _pending(self.sock):
+            self.loop.call_soon(self.on_readable)  # decrypted bytes wait: no event will tell
+        self._set_writing(bool(conn.output_size))
         if conn.has_backlog and not self.resuming:
             self.resuming = True
             self.loop.call_soon(self._resume)
@@ -212,7 +215,7 @@ class Channel:
     def stop(self) -> None:
         """Answer every request the peer has fully sent by now, then close after the replies."""
         if not (self.closed or self.handshaking or self.lingering or self.peer_done):
-            self._read(until_empty=True)
+            self._read(at_least=STOP_READ_BYTES)
         if not self.closed:
             self.conn.stop()
             self.update()
@@ -220,6 +223,14 @@ class Channel:
     # Timers.
 
     def _check_timeouts(self) -> Optional[float]:
+        try:
+            return self._timeouts()
+        except Exception:  # a bug must cost one connection, not the server
+            self._internal_error()
+            return None
+
+    def _timeouts(self) -> Optional[float]:
+        """Close the connection if a deadline has passed; otherwise, the time to the next."""
         if self.closed:
             return None
         now = self.loop.clock()
@@ -461,9 +472,9 @@ class MemLeaseServer:
         for listener in self.listeners:
             loop.forget(listener.fileno())
             listener.close()
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         for channel in list(self.channels):
             channel.stop()
-        deadline = time.monotonic() + SHUTDOWN_SECONDS
         while self.channels and time.monotonic() < deadline:
             loop.run_once(timeout=max(deadline - time.monotonic(), 0.0))
         for channel in list(self.channels):
@@ -556,6 +567,13 @@ class MemLeaseServer:
 
     def _expire(self) -> Optional[float]:
         """Expire a slice of the due leases; come back next turn while more are due."""
+        try:
+            return self._expire_slice()
+        except Exception:  # keep serving; every access still checks its lease's deadline
+            log.error("expiry failed; trying again in a second", exc_info=True)
+            return 1.0
+
+    def _expire_slice(self) -> Optional[float]:
         store = self.store
         if self._expiry is not None:  # how late this pass runs: a sign of an overloaded loop
             self.service.expiry_lag = max(self.loop.clock() - self._expiry.when, 0.0)

@@ -23,6 +23,7 @@ import gc
 import mmap
 import os
 import secrets
+import stat
 import struct
 import sys
 import time
@@ -124,7 +125,7 @@ class FilePoolMemory(PoolMemory):
     """
 
     def __init__(self, path: str, size: int) -> None:  # not the anonymous mapping's setup
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = open_state_file(path, os.O_RDWR | os.O_CREAT)
         try:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,6 +155,35 @@ class FilePoolMemory(PoolMemory):
     def close(self) -> None:
         super().close()
         os.close(self._fd)
+
+
+def open_state_file(path: str, flags: int, owner: int = 0) -> int:
+    """A descriptor of ``path``, refused unless it is a regular file of one link, owned by
+    root, the running user, ``owner`` or the owner of its directory.
+
+    Root opens it in a directory another user may write: a planted symbolic link, hard
+    link, FIFO or device must never be truncated, read without end or given away.  The
+    directory's owner could replace the file anyway, so trusting its files adds nothing.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(exc.errno, "refused: %s is a symbolic link" % path) from None
+    found = os.fstat(fd)
+    owners = (0, os.geteuid(), owner, os.stat(os.path.dirname(os.path.abspath(path))).st_uid)
+    problem = None
+    if not stat.S_ISREG(found.st_mode):
+        problem = "is not a regular file"
+    elif found.st_nlink != 1:
+        problem = "has %d names (hard links)" % found.st_nlink
+    elif found.st_uid not in owners:
+        problem = "belongs to uid %d, not to root or the server's user" % found.st_uid
+    if problem is not None:
+        os.close(fd)
+        raise OSError(errno.EPERM, "refused: %s %s" % (path, problem))
+    return fd
 
 
 class _CleanStart(Exception):
@@ -486,7 +516,9 @@ class LeaseStore:
             crc = zlib.crc32(part, crc)
         parts.append(_TABLE_CRC.pack(crc))
         temporary = self._table_path + ".tmp"
-        with open(temporary, "wb") as out:
+        _discard(temporary)  # created anew, so no link or mode planted there is used
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        with os.fdopen(os.open(temporary, flags, 0o600), "wb") as out:  # ids are credentials
             for part in parts:
                 out.write(part)
             out.flush()
@@ -536,10 +568,8 @@ class LeaseStore:
 
     def _find(self, lease_id: int, tenant: int) -> int:
         """The position of the tenant's lease, or -1: another tenant's lease is not found."""
-        pos = self._index[lease_id & self._mask]  # _position(), inlined: every access runs it
-        if 0 <= pos < len(self._ids) and self._ids[pos] == lease_id:
-            return pos if self._tenants[pos] == tenant else -1
-        return -1
+        pos = self._position(lease_id)
+        return pos if pos >= 0 and self._tenants[pos] == tenant else -1
 
     def _live(self, lease_id: int, tenant: int) -> int:
         """Like _find, but a lease whose deadline has passed is expired now and not found."""
@@ -719,9 +749,14 @@ class LeaseStore:
         )
 
     def _read_table(self, path: str, pool_file_size: int, wall_now: int) -> "List[array[int]]":
+        most = (
+            _TABLE_HEADER.size
+            + self.capacity // self._min_block * _TABLE_BYTES_PER_LEASE
+            + _TABLE_CRC.size
+        )  # the table of a pool full of the smallest leases
         try:
-            with open(path, "rb") as saved:
-                data = saved.read()
+            with os.fdopen(open_state_file(path, os.O_RDONLY), "rb") as saved:
+                data = saved.read(most + 1)
         except FileNotFoundError:
             raise _CleanStart(
                 "no saved lease table (a first start, or the server did not stop cleanly)"
@@ -732,6 +767,8 @@ class LeaseStore:
             os.unlink(path)
         except OSError as exc:
             raise _CleanStart("cannot remove the lease table: %s" % exc.strerror) from None
+        if len(data) > most:
+            raise _CleanStart("the lease table is larger than any table of this pool")
         if len(data) < _TABLE_HEADER.size + _TABLE_CRC.size or data[:8] != _TABLE_MAGIC:
             raise _CleanStart("the lease table is not one (too short, or a wrong magic number)")
         _, version, pool, min_block, saved_at, count = _TABLE_HEADER.unpack_from(data)

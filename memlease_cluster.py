@@ -16,7 +16,19 @@ import random
 import ssl
 import threading
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 from memlease_client import (
     DEFAULT_DURATION_MS,
@@ -40,8 +52,9 @@ from memlease_client import (
 
 DEFAULT_DEAD_TIMEOUT = 10.0
 DEFAULT_STATS_INTERVAL = 1.0
-# Counters whose cluster value is the largest server's, not the sum.
-_LARGEST_NOT_SUM = frozenset({"uptime"})
+# Figures whose cluster value is the largest server's, not the sum: a lease fits in one
+# server's block, and the cluster has run as long as its oldest server.
+_LARGEST_NOT_SUM = frozenset({"uptime", "largest_free_block"})
 
 
 class LeaseHandle(NamedTuple):
@@ -100,6 +113,20 @@ class ClusterStats(NamedTuple):
     total: Dict[str, int]
     servers: Dict[str, Dict[str, int]]
     down: Dict[str, str]  # server: why
+
+
+def _cluster_totals(each: Iterable[Dict[str, int]]) -> Dict[str, int]:
+    """The servers' figures as one pool's: sums, the largest where a sum means nothing,
+    and the fragmentation (per mille) of the summed free bytes outside the largest block."""
+    total: Dict[str, int] = {}
+    for counters in each:
+        for name, value in counters.items():
+            combine = max if name in _LARGEST_NOT_SUM else int.__add__
+            total[name] = combine(total[name], value) if name in total else value
+    if "fragmentation" in total:
+        free, largest = total.get("free_bytes", 0), total.get("largest_free_block", 0)
+        total["fragmentation"] = 1000 * (free - largest) // free if free else 0
+    return total
 
 
 class _Server:
@@ -210,13 +237,8 @@ class MemLeaseCluster:
                 each[server.name] = self._refresh(server)
             except MemLeaseConnectionError:
                 continue
-        total: Dict[str, int] = {}
-        for counters in each.values():
-            for name, value in counters.items():
-                combine = max if name in _LARGEST_NOT_SUM else int.__add__
-                total[name] = combine(total[name], value) if name in total else value
         down = {s.name: s.down_reason for s in self._servers.values() if s.name not in each}
-        return ClusterStats(total, each, down)
+        return ClusterStats(_cluster_totals(each.values()), each, down)
 
     def pipeline(self) -> "ClusterPipeline":
         """Calls sent together, one batch per server; results in call order."""

@@ -283,18 +283,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     if metrics is not None:
         log.info("metrics at %s", metrics.url)
-    server.serve_forever()
-    log.info("stopped: requests in flight were answered")
+    status = 0
+    try:
+        server.serve_forever()
+        log.info("stopped: requests in flight were answered")
+    except Exception:  # a bug: still save what can be saved
+        log.critical("the server failed; saving the leases and stopping", exc_info=True)
+        status = 1
     if metrics is not None:
         metrics.close()
     try:
         store.save()
     except OSError as exc:
         log.error("cannot save the lease table, so the next start will be empty: %s", exc)
-        server.close()
-        return 1
+        status = 1
     server.close()
-    return 0
+    return status
 
 
 def _state_files(state_file: Optional[str]) -> List[str]:

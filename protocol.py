@@ -63,7 +63,7 @@ UNAUTHORIZED = -5  # the server wants a token first, or the token was wrong
 UNKNOWN_TYPE = -6  # the server does not know this message type
 MALFORMED = -7  # the payload does not match its message's layout
 FRAME_TOO_LARGE = -8  # the length field is negative or above the server's limit
-BUSY = -9  # the server is at its connection limit
+BUSY = -9  # the server is at its connection limit, or its memory for uploads is lent out
 NO_MEMORY = NOT_FOUND  # Leased only: the original's refusal, kept for its client
 
 NO_MEMORY_TEXT = "no free block large enough"  # what NO_MEMORY means in Leased
@@ -78,7 +78,7 @@ STATUS_TEXT = {
     UNKNOWN_TYPE: "unknown message type",
     MALFORMED: "malformed message",
     FRAME_TOO_LARGE: "frame length negative or over the server's limit",
-    BUSY: "server busy: too many connections",
+    BUSY: "server busy: too many connections, or uploads under way",
 }
 
 _I = struct.Struct("<i")
@@ -525,7 +525,7 @@ class Decoder:
     @property
     def in_frame(self) -> bool:
         """Whether part of a frame is waiting for the rest."""
-        return len(self._buf) > self._start or bool(self.payload_left or self._discard_left)
+        return bool(self.buffered or self.payload_left or self._discard_left)
 
     def read_payload(self, into: memoryview) -> int:
         """Move buffered data bytes of the current DataFrame into ``into``; returns how many."""
@@ -562,9 +562,7 @@ class Decoder:
         start = self._start
         available = len(buf) - start
         if available < HEADER_SIZE:
-            if start:  # compact: what has been consumed goes
-                del buf[:start]
-                self._start = 0
+            self._compact()
             return None
         msg_type, length = HEADER.unpack_from(buf, start)
         fixed = self._streamed.get(msg_type)

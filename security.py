@@ -22,6 +22,7 @@ import ssl
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from lease_store import open_state_file
 from units import parse_size
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -39,7 +40,7 @@ LIMITER_KEYS = 4096  # sources a rate limiter tracks; more share one budget
 
 class Tenant(NamedTuple):
     name: str
-    number: int  # the store's tenant number, from 1
+    number: int  # the store's tenant number: see tenant_number
     max_bytes: int  # 0: no quota
     digest: bytes  # SHA-256 of the token: equal lengths make the comparison constant-time
 
@@ -50,18 +51,22 @@ class Tenants:
     def __init__(self, tenants: Sequence[Tuple[str, bytes, int]]) -> None:
         if not tenants:
             raise ValueError("no tenant is defined")
-        self._tenants: List[Tenant] = []
-        names = set()
+        self._tenants: Dict[int, Tenant] = {}
         digests = set()
-        for index, (name, token, max_bytes) in enumerate(tenants, 1):
+        for name, token, max_bytes in tenants:
             digest = _digest(token)
-            if name in names:
+            number = tenant_number(name)
+            same = self._tenants.get(number)
+            if same is not None and same.name == name:
                 raise ValueError("tenant %r is defined twice" % name)
+            if same is not None:
+                raise ValueError(
+                    "tenants %r and %r have the same number: rename one" % (same.name, name)
+                )
             if digest in digests:
                 raise ValueError("tenant %r has the token of another tenant" % name)
-            names.add(name)
             digests.add(digest)
-            self._tenants.append(Tenant(name, index, max_bytes, digest))
+            self._tenants[number] = Tenant(name, number, max_bytes, digest)
 
     @classmethod
     def parse(cls, text: str, source: str) -> "Tenants":
@@ -101,24 +106,26 @@ class Tenants:
         return cls([("default", token, 0)])
 
     def authenticate(self, token: bytes) -> Optional[int]:
-        """The index of the tenant whose token this is, or None.
+        """The number of the tenant whose token this is, or None.
 
         Every tenant's digest is compared, whichever matches, so the time taken tells
         nothing about which tenant (or how much of a token) was close.
         """
         digest = _digest(token)
         found = None
-        for tenant in self._tenants:
+        for tenant in self._tenants.values():
             if hmac.compare_digest(digest, tenant.digest):
                 found = tenant.number
         return found
 
-    def quota(self, index: int) -> int:
-        """The most block bytes tenant ``index`` may hold at once; 0 means no limit."""
-        return self._tenants[index - 1].max_bytes if 0 < index <= len(self._tenants) else 0
+    def quota(self, number: int) -> int:
+        """The most block bytes tenant ``number`` may hold at once; 0 means no limit."""
+        tenant = self._tenants.get(number)
+        return 0 if tenant is None else tenant.max_bytes
 
-    def name(self, index: int) -> str:
-        return self._tenants[index - 1].name if 0 < index <= len(self._tenants) else "-"
+    def name(self, number: int) -> str:
+        tenant = self._tenants.get(number)
+        return "-" if tenant is None else tenant.name
 
     def __len__(self) -> int:
         return len(self._tenants)
@@ -126,6 +133,15 @@ class Tenants:
 
 def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
+
+
+def tenant_number(name: str) -> int:
+    """The store's number for tenant ``name``: 63 bits of its SHA-256, never 0 (no tenant).
+
+    Taken from the name, not the line, so leases kept across a restart stay with their
+    tenant however the token file is reordered, and a removed tenant's reach nobody.
+    """
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1 or 1
 
 
 def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenants]:
@@ -414,7 +430,9 @@ def drop_privileges(
 ) -> None:
     """Become ``account`` for good if running as root: its group, no supplementary groups.
 
-    ``owned`` are files the server keeps writing after the drop: they are given to it.
+    ``owned`` are files the server keeps writing after the drop: they are given to it,
+    through a descriptor checked as the store checks them, never by a path that may lead
+    elsewhere.
     """
     if account is None:
         return
@@ -428,8 +446,14 @@ def drop_privileges(
         )
         return
     for path in owned:
-        if os.path.exists(path):
-            os.chown(path, account.pw_uid, account.pw_gid)
+        try:
+            fd = open_state_file(path, os.O_RDONLY, account.pw_uid)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchown(fd, account.pw_uid, account.pw_gid)
+        finally:
+            os.close(fd)
     os.setgroups([])
     os.setgid(account.pw_gid)
     os.setuid(account.pw_uid)

@@ -106,16 +106,17 @@ def test_a_tenant_file_names_tenants_with_tokens_and_quotas():
         "# name token max_bytes\n\nalice a-secret 16M\n  bob b-secret\n", "the file"
     )
     assert len(tenants) == 2
-    assert tenants.authenticate(b"a-secret") == 1
-    assert tenants.authenticate(b"b-secret") == 2
+    alice, bob = security.tenant_number("alice"), security.tenant_number("bob")
+    assert tenants.authenticate(b"a-secret") == alice
+    assert tenants.authenticate(b"b-secret") == bob
     assert tenants.authenticate(b"a-secre") is None and tenants.authenticate(b"") is None
-    assert (tenants.quota(1), tenants.quota(2)) == (16 << 20, 0)
-    assert tenants.name(2) == "bob"
+    assert (tenants.quota(alice), tenants.quota(bob)) == (16 << 20, 0)
+    assert tenants.name(bob) == "bob"
 
 
 def test_a_one_line_token_file_is_one_token_spaces_and_all():
     tenants = security.Tenants.parse("correct horse battery staple\n", "f")
-    assert tenants.authenticate(b"correct horse battery staple") == 1
+    assert tenants.authenticate(b"correct horse battery staple") == security.tenant_number("default")
     assert tenants.authenticate(b"horse") is None
 
 
@@ -139,7 +140,8 @@ def test_a_bad_tenant_file_is_refused_naming_the_line(text, error):
 def test_the_token_comes_from_the_environment_without_a_file():
     assert security.load_tenants(None, {}) is None
     tenants = security.load_tenants(None, {"MEMLEASE_TOKEN": "s3cret"})
-    assert tenants is not None and tenants.authenticate(b"s3cret") == 1
+    assert tenants is not None
+    assert tenants.authenticate(b"s3cret") == security.tenant_number("default")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List
 
 import protocol
-from connection import HIGH_WATER, TURN_BUDGET, Connection, Service
+from connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
 from lease_store import LeaseStore
 from test_memlease import (
     TIMEOUT,
@@ -144,6 +144,59 @@ def test_a_burst_of_requests_is_answered_a_turns_budget_at_a_time():
         assert len(driven.flush()) == 5 and not driven.conn.has_backlog
     finally:
         store.close()
+
+
+def test_a_stop_answers_what_is_whole_without_passing_the_high_water():
+    store = LeaseStore(1 << 20)
+    try:
+        driven = Driven(store)
+        (leased,) = driven.send(protocol.Lease(60_000, 5000).encode())
+        conn = driven.conn
+        conn.receive(protocol.AccessData(leased.lease_id).encode() * 200)
+        conn.stop()
+        assert conn.output_size < HIGH_WATER + 61_000  # not 200 copies at once
+        assert not conn.wants_input and not conn.closing
+        replies = []
+        for _ in range(200):  # as the replies drain, the rest is answered
+            replies += driven.flush()
+            conn.resume()
+            if conn.closing:
+                break
+        assert len(replies) == 200 and conn.closing
+    finally:
+        store.close()
+
+
+def test_unfinished_uploads_cannot_take_more_than_the_staging_limit():
+    store = LeaseStore(1 << 22)
+    try:
+        first, second = Driven(store), Driven(store)
+        first.conn.service.staging = second.conn.service.staging = StagingBuffers(1 << 20)
+        (leased,) = first.send(protocol.Lease(1 << 20, 5000).encode())
+        frame = protocol.SetData(leased.lease_id, bytes(1 << 20)).encode()
+        assert first.send(frame[:1000]) == []  # under way, holding 1 MiB
+        assert second.send(frame) == [protocol.DataSet(protocol.BUSY)]
+        assert first.send(frame[1000:]) == [protocol.DataSet(protocol.OK)]
+        assert second.send(frame) == [protocol.DataSet(protocol.OK)]  # lent back
+    finally:
+        store.close()
+
+
+def test_a_streamed_reply_shows_the_lease_before_a_later_write_on_its_connection():
+    with server_thread(1 << 20) as server, client_for(server) as client:
+        lease_id = client.lease(1 << 16)
+        client.set(lease_id, b"A" * (1 << 16))
+        with connect(server) as sock:
+            sock.sendall(
+                protocol.AccessData(lease_id).encode()
+                + protocol.SetData(lease_id, b"B" * (1 << 16)).encode()
+            )
+            replies = read_replies(sock, 2)
+        assert replies == [
+            protocol.Data(lease_id, b"A" * (1 << 16)),
+            protocol.DataSet(protocol.OK),
+        ]
+        assert client.get(lease_id) == b"B" * (1 << 16)
 
 
 def test_the_server_is_one_thread_with_hundreds_of_connections():
