@@ -438,7 +438,7 @@ class LeaseStore:
             "largest_free_block": largest,
             "live_leases": len(self._ids),
             "metadata_bytes": self.metadata_bytes(),
-            "fragmentation": (1000 * (free - largest)) // free if free else 0,
+            "fragmentation": protocol.fragmentation(free, largest),
         }
         stats.update(self.counters)
         if tenant is not None:

@@ -100,6 +100,10 @@ class MemLeaseConnectionError(MemLeaseError):
     """Cannot connect, the connection broke, or the server did not answer in time."""
 
 
+class _ClosedBeforeReply(MemLeaseConnectionError):
+    """A plain connection closed before its first reply: what a TLS port does to it."""
+
+
 _ERRORS = {
     protocol.NOT_FOUND: LeaseNotFound,
     protocol.TOO_LARGE: TooLarge,
@@ -243,10 +247,7 @@ def _data(request: protocol.Request, reply: protocol.Reply) -> bytes:
         raise MemLeaseProtocolError("asked for lease %d, got lease %d" % (lease_id, reply.lease_id))
     # The original's get answers an unknown lease with no data; a lease is never empty.
     if not reply.data and isinstance(request, protocol.AccessData):
-        raise LeaseNotFound(
-            "lease %d: %s" % (lease_id, protocol.STATUS_TEXT[protocol.NOT_FOUND]),
-            protocol.NOT_FOUND,
-        )
+        raise _status_error(protocol.NOT_FOUND, "lease %d" % lease_id)
     return reply.data
 
 
@@ -439,10 +440,15 @@ def address_text(host: str, port: int) -> str:
 
 
 def connection_error(
-    where: str, timeout: Optional[float], exc: BaseException, connecting: bool = False
+    where: str,
+    timeout: Optional[float],
+    exc: BaseException,
+    connecting: bool = False,
+    unanswered_plain: bool = False,
 ) -> BaseException:
     """The MemLeaseError a failed connect or exchange with ``where`` means; any other
-    exception (KeyboardInterrupt, a bug) is passed on as it is."""
+    exception (KeyboardInterrupt, a bug) is passed on as it is.  ``unanswered_plain``:
+    the connection is without TLS and has had no reply yet."""
     if isinstance(exc, socket.timeout):
         if connecting:
             return MemLeaseConnectionError(
@@ -452,6 +458,10 @@ def connection_error(
     if isinstance(exc, ssl.SSLError):
         phase = "TLS handshake with" if connecting else "TLS with"
         return MemLeaseConnectionError("%s %s failed: %s" % (phase, where, _reason(exc)))
+    if isinstance(exc, ConnectionError) and unanswered_plain:
+        return _ClosedBeforeReply(
+            "connection to %s lost before any reply: %s" % (where, _reason(exc))
+        )
     if isinstance(exc, OSError):
         text = "cannot connect to %s: %s" if connecting else "connection to %s lost: %s"
         return MemLeaseConnectionError(text % (where, _reason(exc)))
@@ -473,6 +483,7 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = protocol.reply_decoder(stream_min=protocol.STREAM_MIN)
+        self.answered = False  # True once a reply came: the server speaks our protocol
 
     def close(self) -> None:
         self.sock.close()
@@ -522,6 +533,7 @@ class _Connection:
                 replies.append(self._streamed_data(message))
             else:
                 replies.append(message)  # type: ignore[arg-type]  # a reply decoder yields replies
+            self.answered = True
         return replies
 
     def _streamed_data(self, frame: protocol.DataFrame) -> protocol.Data:
@@ -640,7 +652,7 @@ class MemLeaseClient:
                 replies = connection.exchange([call.request for call in calls])
             except BaseException as exc:
                 connection.close()  # out of step with the server: never reused
-                raise connection_error(self._settings.where, self.timeout, exc) from None
+                raise self._exchange_error(connection, exc) from None
             with self._lock:
                 if generation == self._generation:
                     self._idle.append(connection)
@@ -672,8 +684,12 @@ class MemLeaseClient:
                 raise_first_error(results_of([call], connection.exchange([call.request])))
             except BaseException as exc:
                 connection.close()
-                raise connection_error(settings.where, self.timeout, exc) from None
+                raise self._exchange_error(connection, exc) from None
         return connection
+
+    def _exchange_error(self, connection: _Connection, exc: BaseException) -> BaseException:
+        unanswered_plain = self._settings.tls is None and not connection.answered
+        return connection_error(self._settings.where, self.timeout, exc, False, unanswered_plain)
 
 
 _Queue = TypeVar("_Queue", bound="CallQueue")
@@ -1001,12 +1017,13 @@ def build_parser(prog: str = CLI_NAME) -> argparse.ArgumentParser:
     return parser
 
 
-def _options_last(argv: List[str]) -> List[str]:
-    """The words with every option (and its value) moved after the last plain word.
+def _in_order(argv: List[str]) -> List[str]:
+    """The words as argparse takes them: host, port (the default when the word after the
+    host is not a number), command, every option with its value, the command's words.
 
     argparse takes a command's options only after the command, and would take
     ``set ID --no-nul DATA`` as a set without DATA: in this order both work.
-    Everything from ``--`` on stays where it is.
+    Everything from ``--`` on stays last, as it is.
     """
     cut = argv.index("--") if "--" in argv else len(argv)
     words: List[str] = []
@@ -1019,24 +1036,13 @@ def _options_last(argv: List[str]) -> List[str]:
             takes_value = not takes_value and word in _VALUE_OPTIONS
         else:
             words.append(word)
-    return words + options + argv[cut:]
-
-
-def _with_default_port(argv: List[str]) -> List[str]:
-    """Insert the default port when the word after the host is not a number."""
-    words = [
-        i
-        for i, word in enumerate(argv)
-        if not word.startswith("-") and (i == 0 or argv[i - 1] not in _VALUE_OPTIONS)
-    ]
     if not words:
-        if "-h" in argv or "--help" in argv:
-            return argv
+        if "-h" in options or "--help" in options:
+            return options
         raise _UsageError("a host and a command are required")
-    if len(words) == 1 or not argv[words[1]].isdigit():
-        at = words[1] if len(words) > 1 else len(argv)
-        return argv[:at] + [str(DEFAULT_PORT)] + argv[at:]
-    return argv
+    if len(words) == 1 or not words[1].isdigit():
+        words.insert(1, str(DEFAULT_PORT))
+    return words[:3] + options + words[3:] + argv[cut:]
 
 
 def _payload(args: argparse.Namespace) -> bytes:
@@ -1349,7 +1355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(prog: str, argv: List[str]) -> int:
     parser = build_parser(prog)
-    args = parser.parse_args(_with_default_port(_options_last(argv)))
+    args = parser.parse_args(_in_order(argv))
     payload = _payload(args) if args.command == "set" else b""
     client = _open(args)
     try:
@@ -1361,7 +1367,8 @@ def _main(prog: str, argv: List[str]) -> int:
         if args.command == "set" and exc.status == protocol.FRAME_TOO_LARGE:
             _refused(client, args, payload, exc)
         else:
-            _complain("%s: %s" % (prog, exc))
+            hint = " (is it a TLS port? try --tls)" if isinstance(exc, _ClosedBeforeReply) else ""
+            _complain("%s: %s%s" % (prog, exc, hint))
         return 1
     except InvalidArgument as exc:
         if exc.status is not None:  # the server refused

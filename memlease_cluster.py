@@ -30,6 +30,7 @@ from typing import (
     cast,
 )
 
+import protocol
 from memlease_client import (
     DEFAULT_DURATION_MS,
     DEFAULT_PORT,
@@ -125,7 +126,7 @@ def _cluster_totals(each: Iterable[Dict[str, int]]) -> Dict[str, int]:
             total[name] = combine(total[name], value) if name in total else value
     if "fragmentation" in total:
         free, largest = total.get("free_bytes", 0), total.get("largest_free_block", 0)
-        total["fragmentation"] = 1000 * (free - largest) // free if free else 0
+        total["fragmentation"] = protocol.fragmentation(free, largest)
     return total
 
 

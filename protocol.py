@@ -328,6 +328,11 @@ REQUEST_TYPES = {
 }
 
 
+def fragmentation(free_bytes: int, largest_free: int) -> int:
+    """1 - largest free block / free bytes, in per mille, as Stats and PoolMapReply carry it."""
+    return 1000 * (free_bytes - largest_free) // free_bytes if free_bytes else 0
+
+
 def request_name(request: object) -> str:
     """The command a request message stands for, as the logs and errors name it."""
     return TYPE_NAMES[REQUEST_TYPES[type(request)]]

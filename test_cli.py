@@ -495,3 +495,78 @@ def test_no_answer_and_ctrl_c_end_in_one_line_or_quietly() -> None:
                 waiting.kill()
                 waiting.wait(5)
     assert (waiting.returncode, stdout, stderr) == (130, b"", b"")
+
+
+# Values of 64 KiB and more, options anywhere, and the reasons that name the right limit.
+
+
+def test_a_large_lease_is_printed_whole_with_and_without_raw(server: ServerProcess) -> None:
+    value = bytes(range(1, 256)) * 400 + b"\0tail"  # 102005 bytes: streamed to the client
+    lease_id = lease(server, len(value))
+    with MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT) as client:
+        client.set(lease_id, value)
+        assert type(client.get(lease_id)) is bytes  # not the buffer it was received into
+    out = cli("get", str(lease_id), "--raw", port=server.port)
+    assert outcome(out) == (0, value, b"")
+    out = cli("get", str(lease_id), port=server.port)
+    text = value.split(b"\0", 1)[0]
+    assert outcome(out) == (0, b"Data get for lease %d: %s\n" % (lease_id, text), b"")
+
+
+def test_set_takes_its_options_before_and_after_the_data(server: ServerProcess) -> None:
+    lease_id = lease(server, 8)
+    ident = str(lease_id)
+    for args, after in (
+        (["set", ident, "abcdefgh", "--no-nul"], b"abcdefgh"),
+        (["set", ident, "--no-nul", "DATA"], b"DATAefgh"),
+        (["set", ident, "--truncate", "hi"], b"hi\0" + bytes(5)),
+        (["set", ident, "--offset", "1", "yo"], b"hyo\0" + bytes(4)),
+        (["--no-nul", "set", ident, "DATA"], b"DATA\0" + bytes(3)),
+        (["set", "--offset", "4", ident, "--no-nul", "--", "-x"], b"DATA-x" + bytes(2)),
+    ):
+        out = cli(*args, port=server.port)
+        assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b""), args
+        assert read(server, lease_id) == after, args
+    out = subprocess.run(
+        [sys.executable, CLIENT, "--no-nul", "127.0.0.1", str(server.port), "set", ident, "Z"],
+        capture_output=True,
+        timeout=30,
+        env=environment(),
+    )
+    assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b"")
+    assert read(server, lease_id) == b"ZATA-x" + bytes(2)
+
+
+def test_a_value_over_the_frame_limit_is_not_blamed_on_the_lease(tmp_path: Path) -> None:
+    path = tmp_path / "value"
+    path.write_bytes(bytes(100_000))
+    with server_process("1M", "--max-frame", "64K") as limited:
+        roomy, small = lease(limited, 128 << 10), lease(limited, 1000)
+        out = cli("set", str(roomy), "--file", str(path), port=limited.port)
+        assert outcome(out) == (
+            1,
+            b"Error: unable set for lease %d (-2)\n"
+            b"reason: the server refuses a value of 100000 bytes: "
+            b"over its --max-frame limit (-2)\n" % roomy,
+            b"",
+        )
+        out = cli("set", str(small), "--file", str(path), port=limited.port)
+        assert out.stdout.endswith(
+            b"reason: 100000 bytes do not fit in the lease's 1000 bytes (-2)\n"
+        )
+
+
+def test_a_plain_client_at_a_tls_port_is_told_to_try_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert_file = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(cert_file)
+    )
+    with server_process("1M", "--tls-cert", str(cert_file), "--tls-key", str(cert_file)) as tls:
+        out = cli("stats", port=tls.port)
+    assert outcome(out) == (
+        1,
+        b"",
+        b"memlease_client.py: connection to 127.0.0.1:%d lost before any reply: "
+        b"Connection reset by peer (is it a TLS port? try --tls)\n" % tls.port,
+    )

@@ -444,3 +444,30 @@ def test_set_with_truncate_zeroes_the_rest(server):
         assert client.get(lease_id) == b"hi".ljust(16, b"\0")
         pool = client.pool_map(4)
         assert pool.pool_bytes == 1 << 20 and len(pool.used) == 4
+
+
+def test_cluster_stats_take_the_largest_where_a_sum_means_nothing():
+    with servers(2) as (split, whole), MemLeaseCluster([split.name, whole.name]) as c:
+        with split.client() as direct:
+            direct.lease(256 << 10, 60000)  # free: blocks of 256 KiB and 512 KiB
+        # Both up a second or more, so that a sum of their uptimes is not their largest.
+        assert wait_until(lambda: min(s["uptime"] for s in c.stats().servers.values()) >= 1)
+        stats = c.stats()
+    each = [stats.servers[split.name], stats.servers[whole.name]]
+    assert [s["free_bytes"] for s in each] == [768 << 10, 1 << 20]
+    assert [s["largest_free_block"] for s in each] == [512 << 10, 1 << 20]
+    assert stats.total["free_bytes"] == 1792 << 10
+    assert stats.total["largest_free_block"] == 1 << 20  # a lease fits in one server
+    assert stats.total["fragmentation"] == 1000 * (768 << 10) // (1792 << 10) == 428
+    assert stats.total["uptime"] == max(s["uptime"] for s in each)
+    for additive in ("pool_bytes", "live_leases", "metadata_bytes", "tenant_bytes"):
+        assert stats.total[additive] == sum(s[additive] for s in each), additive
+
+
+def test_cluster_fragmentation_is_zero_when_nothing_is_free():
+    with servers(2, "4K") as two, MemLeaseCluster([s.name for s in two]) as c:
+        for s in two:
+            with s.client() as direct:
+                direct.lease(4096, 60000)
+        stats = c.stats()
+    assert stats.total["free_bytes"] == 0 and stats.total["fragmentation"] == 0

@@ -77,6 +77,10 @@ def client(server: ServerProcess) -> MemLeaseClient:
     return MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT)
 
 
+def as_tenant(server: ServerProcess, token: str) -> MemLeaseClient:
+    return MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT, token=token)
+
+
 def samples(text: str) -> Samples:
     """Every sample of an exposition, by name and labels, as prometheus_client reads it."""
     found: Samples = {}
@@ -199,6 +203,52 @@ def test_a_state_file_in_use_is_refused_in_one_line(state_dir: Path) -> None:
         b"memlease_server: cannot reserve 1048576 bytes in %s: " % (state.encode())
     )
     assert b"another server is using the state file" in out.stderr
+
+
+def test_a_state_file_that_links_elsewhere_is_refused_and_its_target_untouched(
+    state_dir: Path,
+) -> None:
+    target = state_dir / "precious"  # as /etc/shadow would be: root's, not the pool's size
+    target.write_bytes(b"root:secret\n")
+    target.chmod(0o640)
+    before = target.stat()
+    (state_dir / "pool").symlink_to(target)
+    state = str(state_dir / "pool")
+    out = subprocess.run(
+        [sys.executable, SERVER, "0", "1M", "--bind", "127.0.0.1", "--state-file", state],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 1, out
+    assert out.stderr.count(b"\n") == 1, out.stderr
+    assert b"refused: %s is a symbolic link" % state.encode() in out.stderr
+    after = target.stat()
+    assert target.read_bytes() == b"root:secret\n"
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+
+
+def test_reordered_tenants_keep_their_own_leases_across_a_restart(state_dir: Path) -> None:
+    state = str(state_dir / "pool")
+    tokens = state_dir / "tokens"
+    tokens.write_text("alice a-secret\nbob b-secret\n")
+    args = ("1M", "--bind", "127.0.0.1", "--state-file", state, "--token-file", str(tokens))
+    data = b"alice's bytes"
+    with running(*args) as first:
+        with as_tenant(first, "a-secret") as alice:
+            kept = alice.lease(len(data), 60000)
+            alice.set(kept, data)
+        stop_gracefully(first)
+    tokens.write_text("bob b-secret\nalice a-secret\n")  # bob is on alice's line now
+    with running(*args) as second:
+        assert "restored 1 leases" in second.output()
+        with as_tenant(second, "b-secret") as bob, pytest.raises(LeaseNotFound):
+            bob.get(kept)
+        with as_tenant(second, "a-secret") as alice:
+            assert alice.get(kept) == data
 
 
 def test_a_table_that_cannot_be_saved_is_said_and_the_exit_is_1(state_dir: Path) -> None:

@@ -116,7 +116,8 @@ def test_a_tenant_file_names_tenants_with_tokens_and_quotas():
 
 def test_a_one_line_token_file_is_one_token_spaces_and_all():
     tenants = security.Tenants.parse("correct horse battery staple\n", "f")
-    assert tenants.authenticate(b"correct horse battery staple") == security.tenant_number("default")
+    default = security.tenant_number("default")
+    assert tenants.authenticate(b"correct horse battery staple") == default
     assert tenants.authenticate(b"horse") is None
 
 

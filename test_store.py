@@ -501,6 +501,58 @@ def state(tmp_path):
     return str(tmp_path / "pool")
 
 
+def _untouched(path: str) -> Tuple[bytes, int, int, int]:
+    found = os.stat(path)
+    with open(path, "rb") as file:
+        return file.read(), found.st_uid, found.st_gid, found.st_mode
+
+
+def test_a_linked_pool_file_is_refused_and_what_it_leads_to_untouched(state, tmp_path):
+    target = str(tmp_path / "precious")
+    with open(target, "wb") as file:
+        file.write(b"root:secret\n")
+    before = _untouched(target)
+    os.symlink(target, state)
+    with pytest.raises(OSError, match="is a symbolic link"):
+        LeaseStore(1 << 12, state_file=state)
+    os.unlink(state)
+    os.link(target, state)  # a second name of it: a hard link
+    with pytest.raises(OSError, match="has 2 names"):
+        LeaseStore(1 << 12, state_file=state)
+    assert _untouched(target) == before
+    os.unlink(state)
+    os.mkfifo(state)
+    with pytest.raises(OSError, match="is not a regular file"):
+        LeaseStore(1 << 12, state_file=state)
+
+
+def test_a_linked_lease_table_is_not_read_and_a_saved_one_is_private(state, tmp_path):
+    target = str(tmp_path / "precious")
+    with open(target, "wb") as file:
+        file.write(b"root:secret\n")
+    before = _untouched(target)
+    os.symlink(target, state + ".leases")
+    store = _store(state, FakeClock(), FakeClock(1.7e9))
+    try:
+        assert store.restore_note is not None and "symbolic link" in store.restore_note
+        store.lease(100, 60_000)
+        store.save()
+    finally:
+        store.close()
+    assert _untouched(target) == before
+    assert not os.path.islink(state + ".leases")
+    assert os.stat(state + ".leases").st_mode & 0o777 == 0o600
+
+
+def test_a_fifo_for_a_lease_table_starts_clean_without_waiting(state):
+    os.mkfifo(state + ".leases")
+    store = _store(state, FakeClock(), FakeClock(1.7e9))
+    try:
+        assert store.restore_note is not None and "not a regular file" in store.restore_note
+    finally:
+        store.close()
+
+
 def test_a_saved_pool_comes_back_with_its_ids_bytes_and_less_time(state):
     clock, wall = FakeClock(), FakeClock(1.7e9)
     store = _store(state, clock, wall)
