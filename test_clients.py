@@ -50,7 +50,9 @@ class Server:
     def __init__(self, pool: str, port: int = 0) -> None:
         self.pool = pool
         self.port = port
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115  # closed by stop()
+        # The server writes it; we read it through its name, with a file position of our
+        # own: seeking the server's own descriptor would move where its next line goes.
+        self.log = tempfile.NamedTemporaryFile()  # noqa: SIM115  # closed by stop()
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> "Server":
@@ -60,16 +62,18 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         assert wait_until(self._started, 10), "the server did not start"
-        self.log.seek(0)
-        first = self.log.readline().decode()
+        first = self._first_line().decode()
         assert first.startswith("starting server on port"), first
         self.port = int(first.split()[-1])
         return self
 
     def _started(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, "the server exited"
-        self.log.seek(0)
-        return self.log.readline().endswith(b"\n")
+        return self._first_line().endswith(b"\n")
+
+    def _first_line(self) -> bytes:
+        with open(self.log.name, "rb") as log:
+            return log.readline()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

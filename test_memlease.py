@@ -24,6 +24,7 @@ import pytest
 
 import protocol
 from buddy import Block, BuddyAllocator
+from connection import Service
 from memlease_client import (
     InvalidArgument,
     LeaseNotFound,
@@ -115,9 +116,13 @@ def server_process(
 
 @contextlib.contextmanager
 def server_thread(
-    pool: int = 1 << 20, host: str = "127.0.0.1", **options
+    pool: int = 1 << 20, host: str = "127.0.0.1", service: Optional[dict] = None, **options
 ) -> Iterator[MemLeaseServer]:
-    server = MemLeaseServer((host, 0), LeaseStore(pool), **options)
+    """A server on a loop in a thread; ``service`` holds the options of its Service."""
+    store = LeaseStore(pool)
+    if service is not None:
+        options["service"] = Service(store, **service)
+    server = MemLeaseServer((host, 0), store, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -17,19 +17,16 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import ContextManager, Iterator, List, Optional, Tuple
 
 import pytest
 import trustme
 
 import protocol
 import security
-from connection import Service
 from lease_server import MemLeaseServer
-from lease_store import LeaseStore
 from memlease_client import (
     LeaseNotFound,
     MemLeaseClient,
@@ -46,6 +43,7 @@ from test_memlease import (
     exchange,
     read_replies,
     run_cli,
+    server_thread,
     wait_for,
 )
 
@@ -62,27 +60,11 @@ class Minute:
         return self.now
 
 
-@contextlib.contextmanager
 def serving(
     ssl_context: Optional[ssl.SSLContext] = None, pool: int = 1 << 20, **service: object
-) -> Iterator[MemLeaseServer]:
+) -> ContextManager[MemLeaseServer]:
     """A server on a loop in a thread, its Service built from ``service``; always stopped."""
-    store = LeaseStore(pool)
-    server = MemLeaseServer(
-        ("127.0.0.1", 0),
-        store,
-        service=Service(store, **service),  # type: ignore[arg-type]
-        ssl_context=ssl_context,
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(TIMEOUT)
-        server.close()
-        assert not thread.is_alive()
+    return server_thread(pool, service=service, ssl_context=ssl_context)
 
 
 def client(server: MemLeaseServer, **options: object) -> MemLeaseClient:
@@ -442,19 +424,11 @@ def test_a_silent_tls_client_stalls_nobody(tls_files):
 def test_a_tls_handshake_must_finish_within_the_frame_timeout(tls_files, caplog):
     caplog.set_level(logging.INFO, logger="memlease")
     context = security.server_tls_context(tls_files["cert"], tls_files["key"])
-    store = LeaseStore(1 << 20)
-    server = MemLeaseServer(("127.0.0.1", 0), store, ssl_context=context, frame_timeout=0.3)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with server_thread(ssl_context=context, frame_timeout=0.3) as server:
         with raw(server) as silent:  # connected, and never says hello
             assert closed_by_peer(silent)
         assert wait_for(lambda: not server.channels)
         assert warnings_with(caplog, "closed: TLS handshake incomplete after 0.3s")
-    finally:
-        server.shutdown()
-        thread.join(TIMEOUT)
-        server.close()
 
 
 def test_a_plain_client_on_a_tls_port_fails_at_once(tls_files):
