@@ -82,6 +82,7 @@ class Service:
         stats = self.store.stats(tenant)
         stats["connections"] = self.connections()
         stats.update(self.counters)
+        stats["log_lines_suppressed"] = self.warnings.suppressed
         stats["uptime"] = int(time.monotonic() - self._started)
         return stats
 
@@ -472,6 +473,8 @@ class Connection:
             self.closing = True
             return
         self.tenant = tenant
+        if service.tenants is not None:
+            log.debug("%s authenticated as tenant %s", self.peer, service.tenants.name(tenant))
         self._finish(message, protocol.DataSet(protocol.OK), protocol.OK)
 
     def _close_guessing(self) -> None:

@@ -346,7 +346,7 @@ class Channel:
             self._set_writing(True)
             return
         except (OSError, ssl.SSLError) as exc:
-            self.server.log_limited(
+            self.server.service.warn(
                 "tls", self.conn.peer, "%s TLS handshake failed: %s", self.conn.peer, exc
             )
             self.close()
@@ -496,7 +496,7 @@ class MemLeaseServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of descriptors, say: pause instead of spinning
-                self.log_limited("accept", "", "accept failed: %s", exc)
+                self.service.warn("accept", "", "accept failed: %s", exc)
                 self._pause_accepting(listener)
                 return
             peer = Peer(address)
@@ -504,12 +504,12 @@ class MemLeaseServer:
             if refusal is not None:  # refused before a byte is read or a handshake is made
                 counter, reason = refusal
                 service.counters[counter] += 1
-                self.log_limited(counter, peer, "%s refused: %s", peer, reason)
+                self.service.warn(counter, peer, "%s refused: %s", peer, reason)
                 _refuse(sock, None if self.ssl_context else protocol.UNAUTHORIZED)
                 continue
             if len(self.channels) >= self.max_connections:
                 service.counters["connections_refused"] += 1
-                self.log_limited(
+                self.service.warn(
                     "busy", "", "%s refused: %d connections already open", peer, len(self.channels)
                 )
                 _refuse(sock, protocol.BUSY)
@@ -546,10 +546,6 @@ class MemLeaseServer:
     def channel_closed(self, channel: Channel) -> None:
         self.channels.discard(channel)
         log.debug("%s closed", channel.conn.peer)
-
-    def log_limited(self, kind: str, source: object, message: str, *args: object) -> None:
-        """Log a warning unless this kind from this source (a peer's host) had its share."""
-        self.service.warn(kind, source, message, *args)
 
     # Expiry.
 

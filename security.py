@@ -317,7 +317,7 @@ class LogLimiter:
         self._windows: collections.OrderedDict[Tuple[str, str], List[float]] = (
             collections.OrderedDict()
         )
-        self.suppressed = 0  # in all, for the stats
+        self.suppressed = 0  # in all: stats show it as log_lines_suppressed
 
     def warning(self, kind: str, source: str, message: str, *args: object) -> bool:
         """Log ``message % args`` unless over the limit; True if it was logged."""
