@@ -195,7 +195,7 @@ class Connection:
     def wants_input(self) -> bool:
         """Whether to read more: not while replies or whole requests are backed up."""
         return (
-            not (self.closing or self.input_done or self._yielded)
+            not (self.closing or self.input_done or self._yielded or self._paused)
             and self.output_size < HIGH_WATER
         )
 

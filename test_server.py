@@ -182,6 +182,20 @@ def test_unfinished_uploads_cannot_take_more_than_the_staging_limit():
         store.close()
 
 
+def test_a_connection_is_not_read_while_a_streamed_reply_waits():
+    store = LeaseStore(1 << 20)
+    try:
+        driven = Driven(store)
+        (leased,) = driven.send(protocol.Lease(1 << 16, 5000).encode())
+        conn = driven.conn
+        conn.receive(protocol.AccessData(leased.lease_id).encode() * 3)
+        assert conn.output_size < HIGH_WATER  # one reply of 64 KiB, the others wait
+        assert not conn.wants_input  # so the decoder cannot be filled meanwhile
+        assert len(driven.flush()) == 3 and conn.wants_input
+    finally:
+        store.close()
+
+
 def test_a_streamed_reply_shows_the_lease_before_a_later_write_on_its_connection():
     with server_thread(1 << 20) as server, client_for(server) as client:
         lease_id = client.lease(1 << 16)
