@@ -47,6 +47,16 @@ BATCH = 100  # requests per pipelined batch
 class Target(NamedTuple):
     name: str
     port: int
+    pid: int  # whose CPU time is read, where /proc has it
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, or 0 without /proc."""
+    try:
+        fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -196,7 +206,7 @@ def start_ours(
     for _ in range(200):
         match = re.search(r"starting server on port (\d+)", Path(log.name).read_text())
         if match:
-            return proc, Target("memlease", int(match.group(1)))
+            return proc, Target("memlease", int(match.group(1)), proc.pid)
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError("memlease_server did not start: " + Path(log.name).read_text())
@@ -214,7 +224,7 @@ def start_memcached() -> Optional[Tuple["subprocess.Popen[bytes]", Target]]:
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, Target("memcached", port)
+            return proc, Target("memcached", port, proc.pid)
         except OSError:
             time.sleep(0.05)
     proc.kill()
@@ -254,16 +264,28 @@ def bench_servers(
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     latency_rows = []
+    cpu_rows = []
     with multiprocessing.get_context("spawn").Pool(16) as pool:
         for scenario, clients in plan:
             rates: Dict[str, List[float]] = {n: [] for n in names}
             latencies: Dict[str, List[List[float]]] = {n: [] for n in names}
+            cpu: Dict[str, List[float]] = {n: [] for n in names}  # server seconds per op
             for _ in range(reps):
                 for target in targets:
+                    began = _cpu_seconds(target.pid)
                     result = run_load(pool, scenario, target, clients, seconds)
+                    cpu[target.name].append((_cpu_seconds(target.pid) - began) / result.ops)
                     rates[target.name].append(result.ops / seconds)
                     latencies[target.name].append(result.latencies)
             medians = [statistics.median(rates[n]) for n in names]
+            cpu_rows.append(
+                "| %s | %d | %s |"
+                % (
+                    scenario,
+                    clients,
+                    " | ".join("%.1f" % (statistics.median(cpu[n]) * 1e6) for n in names),
+                )
+            )
             row = "| %s | %d | %s |" % (scenario, clients, " | ".join("%.0f" % m for m in medians))
             if len(targets) == 2:
                 row += " %.2f |" % (medians[0] / medians[1])
@@ -279,6 +301,11 @@ def bench_servers(
     print("| persistent latency | clients | p50 us | p99 us |")
     print("|---|---|---|---|")
     for row in latency_rows:
+        print(row)
+    print()
+    print("| server CPU per op, us | clients | " + " | ".join(names) + " |")
+    print("|" + "---|" * (len(names) + 2))
+    for row in cpu_rows:
         print(row)
 
 
