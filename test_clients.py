@@ -56,14 +56,19 @@ class Server:
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> "Server":
+        """Start the process; one that does not come up is stopped, never left behind."""
         self.proc = subprocess.Popen(
             [sys.executable, SERVER, str(self.port), self.pool, "--bind", "127.0.0.1", "-q"],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        assert wait_until(self._started, 10), "the server did not start"
-        first = self._first_line().decode()
-        assert first.startswith("starting server on port"), first
+        try:
+            assert wait_until(self._started, 10), "the server did not start"
+            first = self._first_line().decode()
+            assert first.startswith("starting server on port"), first
+        except BaseException:
+            self.stop()
+            raise
         self.port = int(first.split()[-1])
         return self
 
