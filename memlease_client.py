@@ -412,9 +412,12 @@ def _token_bytes(token: Optional[Union[str, bytes]]) -> Optional[bytes]:
         token = os.environ.get("MEMLEASE_TOKEN") or None
     if token is None or isinstance(token, bytes):
         return token
-    if isinstance(token, str):
-        return token.encode()
+    if isinstance(token, str):  # surrogates stand for the bytes the environment held
+        return token.encode("utf-8", "surrogateescape")
     raise TypeError("token must be str or bytes, not %s" % type(token).__name__)
+
+
+MAX_TIMEOUT = 365 * 24 * 3600  # seconds: longer ones overflow the platform's timeouts
 
 
 def _checked_timeout(timeout: Optional[float]) -> Optional[float]:
@@ -422,8 +425,11 @@ def _checked_timeout(timeout: Optional[float]) -> Optional[float]:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError("timeout must be a number of seconds, not %s" % type(timeout).__name__)
-    if not 0 < timeout < math.inf:
-        raise InvalidArgument("timeout %r must be a positive number of seconds" % timeout)
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise InvalidArgument(
+            "timeout %r must be a positive number of seconds, at most %d (a year)"
+            % (timeout, MAX_TIMEOUT)
+        )
     return timeout
 
 
@@ -893,8 +899,10 @@ def _timeout(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError("%r is not a positive number of seconds" % text)
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            "%r is not a positive number of seconds, at most %d (a year)" % (text, MAX_TIMEOUT)
+        )
     return value
 
 
@@ -1055,16 +1063,24 @@ def _payload(args: argparse.Namespace) -> bytes:
         raise _UsageError("set: --truncate writes from the start of the lease, without --offset")
     if args.file is None:
         return os.fsencode(args.data) + (b"" if args.no_nul else b"\0")
+    name = "standard input" if args.file == "-" else args.file
+    size = 0
     try:
         if args.file != "-":
             with open(args.file, "rb") as file:
-                return file.read()
-        if sys.stdin is None:
+                size = os.fstat(file.fileno()).st_size  # a regular file tells at once
+                data = b"" if size > protocol.INT32_MAX else file.read(protocol.INT32_MAX + 1)
+        elif sys.stdin is None:
             raise OSError("it is closed")
-        return sys.stdin.buffer.read()
+        else:
+            data = sys.stdin.buffer.read(protocol.INT32_MAX + 1)
     except OSError as exc:
-        name = "standard input" if args.file == "-" else args.file
         raise _UsageError("set: cannot read %s: %s" % (name, exc.strerror or exc)) from None
+    if len(data) > protocol.INT32_MAX or size > protocol.INT32_MAX:  # or /dev/zero, say
+        raise _UsageError(
+            "set: %s holds more than the largest lease, %d bytes" % (name, protocol.INT32_MAX)
+        )
+    return data
 
 
 def _emit(line: Union[str, bytes, bytearray, memoryview], end: bytes = b"\n") -> None:

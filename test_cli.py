@@ -570,3 +570,23 @@ def test_a_plain_client_at_a_tls_port_is_told_to_try_tls(tmp_path: Path) -> None
         b"memlease_client.py: connection to 127.0.0.1:%d lost before any reply: "
         b"Connection reset by peer (is it a TLS port? try --tls)\n" % tls.port,
     )
+
+
+def test_hostile_arguments_end_in_one_line(server: ServerProcess, tmp_path: Path) -> None:
+    out = cli("stats", "--timeout", "1e308", port=server.port)  # past what sockets can wait
+    assert out.returncode == 2 and out.stderr.count(b"\n") == 1, out.stderr
+    assert b"at most 31536000 (a year)" in out.stderr
+    # A token of bytes that are not UTF-8 goes out as those bytes.
+    out = cli("lease", "32", port=server.port, env=environment(MEMLEASE_TOKEN="\udcff"))
+    assert out.returncode == 0 and b"You have leased 32 bytes" in out.stdout, out.stderr
+    # A file larger than any lease is refused before it fills the memory.
+    big = tmp_path / "big"
+    with open(big, "wb") as file:
+        file.truncate(protocol.INT32_MAX + 1)  # sparse: it costs no disk
+    out = cli("set", str(lease(server, 32)), "--file", str(big), port=server.port)
+    assert outcome(out) == (
+        2,
+        b"",
+        b"memlease_client.py: usage error: set: %s holds more than the largest lease, "
+        b"2147483647 bytes" % str(big).encode() + USAGE_HINT,
+    )
