@@ -267,7 +267,8 @@ def test_7_usage_errors_are_one_line_without_the_usage_block() -> None:
         ),
         (
             ["127.0.0.1", "stats", "--timeout", "nan"],
-            b"stats: argument --timeout: 'nan' is not a positive number of seconds",
+            b"stats: argument --timeout: 'nan' is not a positive number of seconds,"
+            b" at most 31536000 (a year)",
         ),
     ):
         out = subprocess.run(
