@@ -14,6 +14,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 FileCallback = Callable[[], None]
+MAX_WAIT = 86400.0  # seconds: longer waits are cut, and the loop simply waits again
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 TimeCallback = Callable[[], Optional[float]]
@@ -168,6 +169,8 @@ class EventLoop:
         wait = 0.0 if self._soon else self._until_next_timer()
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
+        if wait is not None:
+            wait = min(wait, MAX_WAIT)  # epoll takes at most 2**31 - 1 ms
         self.turns += 1
         ready = self._selector.select(wait)
         self.now = self.clock()

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NoReturn, Optional, Tuple
 
 import protocol
 import security
@@ -64,8 +64,15 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line, as the client gives them, not after the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, "%s: usage error: %s (see %s --help)\n" % (self.prog, message, self.prog))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="memlease_server.py",
         description="Lend chunks of this host's memory to clients for a duration.",
         epilog="examples:\n"

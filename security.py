@@ -144,6 +144,9 @@ def tenant_number(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1 or 1
 
 
+TOKEN_FILE_LIMIT = 1 << 20  # bytes: room for thousands of tenants
+
+
 def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenants]:
     """The tenants of ``--token-file``, else the one token of $MEMLEASE_TOKEN, else None.
 
@@ -153,7 +156,9 @@ def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenan
         token = environ.get("MEMLEASE_TOKEN", "")
         return Tenants.single(token.encode()) if token else None
     with open(path, "rb") as file:
-        data = file.read()
+        data = file.read(TOKEN_FILE_LIMIT + 1)  # /dev/zero, say, must not fill the memory
+    if len(data) > TOKEN_FILE_LIMIT:
+        raise ValueError("the token file %s is over %d bytes" % (path, TOKEN_FILE_LIMIT))
     try:
         text = data.decode()
     except UnicodeDecodeError:

@@ -476,6 +476,7 @@ def test_tls_through_both_command_lines(tls_files):
         (["--tls-cert", "/nonexistent.pem"], "cannot use the TLS files"),
         (["--allow", "10.0.0.0/33"], "is not an address or a network"),
         (["--user", "no-such-user-here"], "no such user"),
+        (["--token-file", "/dev/zero"], "the token file /dev/zero is over 1048576 bytes"),
     ],
 )
 def test_bad_security_options_exit_2_in_one_line(args, error):
@@ -485,7 +486,8 @@ def test_bad_security_options_exit_2_in_one_line(args, error):
         timeout=30,
     )
     assert out.returncode == 2 and error.encode() in out.stderr, out
-    assert b"Traceback" not in out.stderr
+    assert out.stderr.count(b"\n") == 1  # one line, without argparse's usage block
+    assert out.stderr.startswith(b"memlease_server.py: usage error: ")
 
 
 # Dropping root.

@@ -17,6 +17,7 @@ from typing import List
 
 import protocol
 from connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
+from event_loop import EventLoop
 from lease_store import LeaseStore
 from test_memlease import (
     TIMEOUT,
@@ -399,3 +400,24 @@ def test_bad_length_closes_only_that_connection():
             ]
             assert closed_by_peer(sock)
         assert client.stats()["connections"] == 1
+
+
+def test_a_timer_months_away_does_not_break_the_wait():
+    loop = EventLoop()
+    left, right = socket.socketpair()
+    try:
+        fired = []
+        loop.call_later(1e9, lambda: None)  # beyond what epoll can wait for
+        loop.add_reader(left.fileno(), lambda: fired.append(left.recv(1)))
+        right.send(b"x")
+        loop.run_once()
+        assert fired == [b"x"]
+    finally:
+        loop.close()
+        left.close()
+        right.close()
+
+
+def test_a_server_with_an_idle_timeout_of_a_year_serves():
+    with server_thread(idle_timeout=365 * 86400.0) as server, client_for(server) as client:
+        assert client.lease(32) > 0
