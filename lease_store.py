@@ -657,28 +657,16 @@ class LeaseStore:
         self, pos: int, lease_id: int, tenant: int, size: int, offset: int, deadline: int
     ) -> None:
         """Put a lease into the hole at ``pos``, moving it up or down into heap order."""
-        ids, tenants, sizes, offsets, deadlines = (
-            self._ids,
-            self._tenants,
-            self._sizes,
-            self._offsets,
-            self._deadlines,
-        )
-        index, mask = self._index, self._mask
+        deadlines = self._deadlines
         start = pos
         while pos:
             parent = (pos - 1) >> 1
             if deadlines[parent] <= deadline:
                 break
-            moved = ids[pos] = ids[parent]
-            tenants[pos] = tenants[parent]
-            sizes[pos] = sizes[parent]
-            offsets[pos] = offsets[parent]
-            deadlines[pos] = deadlines[parent]
-            index[moved & mask] = pos
+            self._move_row(parent, pos)
             pos = parent
         if pos == start:
-            count = len(ids)
+            count = len(self._ids)
             while True:
                 child = 2 * pos + 1
                 if child >= count:
@@ -687,19 +675,23 @@ class LeaseStore:
                     child += 1
                 if deadlines[child] >= deadline:
                     break
-                moved = ids[pos] = ids[child]
-                tenants[pos] = tenants[child]
-                sizes[pos] = sizes[child]
-                offsets[pos] = offsets[child]
-                deadlines[pos] = deadlines[child]
-                index[moved & mask] = pos
+                self._move_row(child, pos)
                 pos = child
-        ids[pos] = lease_id
-        tenants[pos] = tenant
-        sizes[pos] = size
-        offsets[pos] = offset
+        self._ids[pos] = lease_id
+        self._tenants[pos] = tenant
+        self._sizes[pos] = size
+        self._offsets[pos] = offset
         deadlines[pos] = deadline
-        index[lease_id & mask] = pos
+        self._index[lease_id & self._mask] = pos
+
+    def _move_row(self, source: int, target: int) -> None:
+        """Copy the lease at heap position ``source`` to ``target``, and index it there."""
+        lease_id = self._ids[target] = self._ids[source]
+        self._tenants[target] = self._tenants[source]
+        self._sizes[target] = self._sizes[source]
+        self._offsets[target] = self._offsets[source]
+        self._deadlines[target] = self._deadlines[source]
+        self._index[lease_id & self._mask] = target
 
     def _table_changed(self) -> None:
         """A saved table no longer matches once the leases change: remove it."""
