@@ -7,8 +7,10 @@ store.  Every loop is bounded, every socket has a timeout, every server is stopp
 
 import contextlib
 import os
+import pwd
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -132,6 +134,19 @@ def server_thread(
         thread.join(TIMEOUT)
         server.close()
         assert not thread.is_alive()
+
+
+@contextlib.contextmanager
+def directory_for_nobody(prefix: str, parent: Optional[str] = None) -> Iterator[Path]:
+    """A fresh directory that a server started as root, and so run as nobody, can write in."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def client_for(server, **options) -> MemLeaseClient:

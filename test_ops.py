@@ -7,7 +7,6 @@ Metrics are parsed by prometheus_client, so the format is judged by the ecosyste
 
 import contextlib
 import os
-import pwd
 import re
 import shutil
 import socket
@@ -31,7 +30,7 @@ from lease_store import LeaseStore
 from memlease_client import LeaseNotFound, MemLeaseClient, OutOfMemory
 from memlease_server import build_parser
 from metrics import MetricsServer, render_service
-from test_memlease import SERVER, TIMEOUT, ServerProcess, wait_for
+from test_memlease import SERVER, TIMEOUT, ServerProcess, directory_for_nobody, wait_for
 from units import parse_size
 
 HERE = Path(__file__).resolve().parent
@@ -46,14 +45,8 @@ Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 def state_dir() -> Iterator[Path]:
     """A directory for state files: on tmpfs when the host has /dev/shm, as in production."""
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix="memlease-ops-", dir=shm))
-    if os.geteuid() == 0:  # the server drops root for nobody, who saves the table here
-        nobody = pwd.getpwnam("nobody")
-        os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    try:
+    with directory_for_nobody("memlease-ops-", shm) as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 @contextlib.contextmanager
@@ -189,16 +182,22 @@ def test_a_changed_pool_size_starts_clean(state_dir: Path) -> None:
         assert b"kept only" not in Path(state).read_bytes()
 
 
+def refused_start(state: str) -> "subprocess.CompletedProcess[bytes]":
+    """A server started with ``state``, which must refuse it in one line and exit 1."""
+    out = subprocess.run(
+        [sys.executable, SERVER, "0", "1M", "--bind", "127.0.0.1", "--state-file", state],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 1, out
+    assert out.stderr.count(b"\n") == 1, out.stderr
+    return out
+
+
 def test_a_state_file_in_use_is_refused_in_one_line(state_dir: Path) -> None:
     state = str(state_dir / "pool")
     with running("1M", "--bind", "127.0.0.1", "--state-file", state):
-        out = subprocess.run(
-            [sys.executable, SERVER, "0", "1M", "--bind", "127.0.0.1", "--state-file", state],
-            capture_output=True,
-            timeout=30,
-        )
-    assert out.returncode == 1, out
-    assert out.stderr.count(b"\n") == 1, out.stderr
+        out = refused_start(state)
     assert out.stderr.startswith(
         b"memlease_server: cannot reserve 1048576 bytes in %s: " % (state.encode())
     )
@@ -214,13 +213,7 @@ def test_a_state_file_that_links_elsewhere_is_refused_and_its_target_untouched(
     before = target.stat()
     (state_dir / "pool").symlink_to(target)
     state = str(state_dir / "pool")
-    out = subprocess.run(
-        [sys.executable, SERVER, "0", "1M", "--bind", "127.0.0.1", "--state-file", state],
-        capture_output=True,
-        timeout=30,
-    )
-    assert out.returncode == 1, out
-    assert out.stderr.count(b"\n") == 1, out.stderr
+    out = refused_start(state)
     assert b"refused: %s is a symbolic link" % state.encode() in out.stderr
     after = target.stat()
     assert target.read_bytes() == b"root:secret\n"

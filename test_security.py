@@ -10,13 +10,11 @@ import logging
 import os
 import pwd
 import re
-import shutil
 import socket
 import ssl
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import ContextManager, Iterator, List, Optional, Tuple
@@ -40,6 +38,7 @@ from test_memlease import (
     TIMEOUT,
     ServerProcess,
     closed_by_peer,
+    directory_for_nobody,
     exchange,
     read_replies,
     run_cli,
@@ -505,13 +504,8 @@ def status_ids(pid: int) -> dict:
 @pytest.fixture
 def nobodys_dir() -> Iterator[Path]:
     """A directory nobody may write in, reachable by nobody (pytest's tmp_path is not)."""
-    path = Path(tempfile.mkdtemp(prefix="memlease-security-"))
-    nobody = pwd.getpwnam("nobody")
-    os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    try:
+    with directory_for_nobody("memlease-security-") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 @as_root
