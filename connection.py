@@ -55,8 +55,8 @@ class Service:
         self.guessers = security.RateLimiter(security.GUESSING_CLOSES_PER_MINUTE)
         self.warnings = security.LogLimiter(log)
         self.log_requests = log.isEnabledFor(logging.INFO)
-        # (command, status) -> count, for the metrics.
-        self.requests: Dict[Tuple[str, int], int] = collections.defaultdict(int)
+        # (message type, status) -> requests answered so (see request_counts).
+        self.requests: Dict[Tuple[int, int], int] = collections.defaultdict(int)
         self.counters = dict.fromkeys(
             (
                 "total_connections",
@@ -85,6 +85,13 @@ class Service:
         stats["log_lines_suppressed"] = self.warnings.suppressed
         stats["uptime"] = int(time.monotonic() - self._started)
         return stats
+
+    def request_counts(self) -> Dict[Tuple[str, int], int]:
+        """Requests answered so far, by command name and status, for the metrics."""
+        return {
+            (protocol.TYPE_NAMES[msg_type], status): count
+            for (msg_type, status), count in self.requests.items()
+        }
 
     def authenticate(self, token: Optional[bytes]) -> Optional[int]:
         """The tenant a connection presenting ``token`` acts as, or None when refused.
@@ -185,6 +192,7 @@ class Connection:
         self._out: Deque[Tuple[Buffer, Optional[object]]] = collections.deque()
         self._small = bytearray()  # small replies, joined until they are sent
         self._upload: Optional[_Upload] = None
+        self.uploading = False  # a large write is being received: see receive_buffer()
         self._paused = False  # requests wait in the decoder until the output drains
         self._views_queued = 0  # replies queued as views of the pool, not yet sent
         self._yielded = False  # requests wait in the decoder for the next turn
@@ -198,11 +206,6 @@ class Connection:
             not (self.closing or self.input_done or self._yielded or self._paused)
             and self.output_size < HIGH_WATER
         )
-
-    @property
-    def uploading(self) -> bool:
-        """Whether a large write is being received (see ``receive_buffer``)."""
-        return self._upload is not None
 
     @property
     def in_frame(self) -> bool:
@@ -329,38 +332,49 @@ class Connection:
                 if self.input_done:
                     self.closing = True  # all that was whole is answered
                 return
-            if isinstance(message, protocol.DataFrame):
-                self._begin_upload(message)
-                continue
-            kind = type(message)
-            if self.tenant is None and kind is not protocol.Auth:
-                status = protocol.UNAUTHORIZED
-                reply = protocol.Error(status, protocol.REQUEST_TYPES[kind])
-                self._finish(message, reply, status)
+            if self.tenant is None and type(message) is not protocol.Auth:
+                self._refuse_unauthenticated(message)
             else:
-                _ANSWERS[kind](self, message)
+                _ANSWERS[type(message)](self, message)
 
-    def _finish(self, request: object, reply: protocol.Reply, status: int) -> None:
-        """Queue ``reply``, count the request by its command and ``status``, and log it."""
+    def _refuse_unauthenticated(self, request: Any) -> None:
+        """Answer a request made before authenticating with Error UNAUTHORIZED."""
+        if type(request) is protocol.DataFrame:
+            self._decoder.skip_payload()  # the large write's data follows: drop it unread
+        status = protocol.UNAUTHORIZED
+        msg_type = _type_of(request)
+        self._finish(msg_type, request, protocol.Error(status, msg_type), status)
+
+    def _finish(self, msg_type: int, request: object, reply: protocol.Reply, status: int) -> None:
+        """Queue ``reply``, count the request by its type and ``status``, and log it."""
         self._reply(reply.encode())
-        self._account(request, reply, status)
+        self._account(msg_type, request, status, reply)
 
-    def _account(
-        self, request: object, reply: "Union[protocol.Reply, _StreamedData]", status: int
-    ) -> None:
-        """Count a request answered, by command and status, and log it."""
+    def _status(self, msg_type: int, request: object, status: int) -> None:
+        """Answer with a status reply (DataSet), already encoded: most requests get one."""
+        reply = protocol.STATUS_REPLIES[status]
+        self._small += reply
+        self.output_size += len(reply)
+        self._account(msg_type, request, status, None)
+
+    def _account(self, msg_type: int, request: object, status: int, reply: object) -> None:
+        """Count a request answered, by type and status, and log it; ``reply`` describes
+        the answer in the log (None: the status says it all)."""
         self.answered += 1
-        self.service.requests[_command(request), status] += 1
-        if status == protocol.NOT_FOUND and type(reply) is not protocol.Leased:
+        self.service.requests[msg_type, status] += 1
+        if status == protocol.NOT_FOUND and msg_type != protocol.LEASE:
             self.misses += 1
             if security.guessing(self.misses, self.answered):
                 self._close_guessing()
         if self.service.log_requests:
             log.info(
-                "%s %s -> %s", self.peer, _describe_request(request), _describe(reply, status)
+                "%s %s -> %s",
+                self.peer,
+                _describe_request(msg_type, request),
+                _describe(reply, status),
             )
 
-    def _reply(self, data: bytes) -> None:
+    def _reply(self, data: Buffer) -> None:
         self._small += data
         self.output_size += len(data)
 
@@ -378,62 +392,66 @@ class Connection:
         lease_id = self.store.lease(
             message.size, message.duration_ms, tenant, self.service.quota(tenant)
         )
-        self._finish(message, protocol.Leased(lease_id), min(lease_id, 0))
+        self._finish(protocol.LEASE, message, protocol.Leased(lease_id), min(lease_id, 0))
 
     def _set(self, message: protocol.SetData) -> None:
-        self._write_now(message, message.lease_id, 0, message.data, zero_rest=False)
+        status = self._write_data(message.lease_id, 0, message.data, zero_rest=False)
+        self._status(protocol.SET_DATA, message, status)
 
     def _replace(self, message: protocol.Replace) -> None:
-        self._write_now(message, message.lease_id, 0, message.data, zero_rest=True)
+        status = self._write_data(message.lease_id, 0, message.data, zero_rest=True)
+        self._status(protocol.REPLACE, message, status)
 
     def _write(self, message: protocol.Write) -> None:
-        self._write_now(message, message.lease_id, message.offset, message.data, zero_rest=False)
+        status = self._write_data(message.lease_id, message.offset, message.data, zero_rest=False)
+        self._status(protocol.WRITE, message, status)
 
-    def _write_now(
-        self, request: object, lease_id: int, offset: int, data: Buffer, zero_rest: bool
-    ) -> None:
+    def _write_data(self, lease_id: int, offset: int, data: Buffer, zero_rest: bool) -> int:
         if len(data) > self.service.max_data:
-            status = protocol.TOO_LARGE
-        else:
-            status = self.store.write(lease_id, offset, data, self.tenant or 0, zero_rest)
-        self._finish(request, protocol.DataSet(status), status)
-
+            return protocol.TOO_LARGE
+        return self.store.write(lease_id, offset, data, self.tenant or 0, zero_rest)
 
     def _access(self, message: protocol.AccessData) -> None:
         status, view = self.store.read(message.lease_id, 0, -1, self.tenant or 0)
         if status != protocol.OK:  # the original answers an unknown lease with no data
-            self._finish(message, protocol.Data(message.lease_id, b""), protocol.NOT_FOUND)
+            reply = protocol.Data(message.lease_id, b"")
+            self._finish(protocol.ACCESS_DATA, message, reply, protocol.NOT_FOUND)
             return
-        self._send_data(message, message.lease_id, view)
+        self._send_data(protocol.ACCESS_DATA, message, message.lease_id, view)
 
     def _read(self, message: protocol.Read) -> None:
         status, view = self.store.read(
             message.lease_id, message.offset, message.length, self.tenant or 0
         )
         if status != protocol.OK:
-            self._finish(message, protocol.DataSet(status), status)
+            self._status(protocol.READ, message, status)
             return
-        self._send_data(message, message.lease_id, view)
+        self._send_data(protocol.READ, message, message.lease_id, view)
 
-    def _send_data(self, request: object, lease_id: int, view: memoryview) -> None:
-        if len(view) < protocol.STREAM_MIN:
-            reply = protocol.Data(lease_id, view.tobytes())
-            self._finish(request, reply, protocol.OK)
-            return
-        self._reply(protocol.data_head(lease_id, len(view)))
-        self._reply_view(view, self.store.pin(lease_id))
-        self._account(request, _StreamedData(lease_id, len(view)), protocol.OK)
+    def _send_data(self, msg_type: int, request: object, lease_id: int, view: memoryview) -> None:
+        """Answer with a Data reply: small data copied into the output, large data sent
+        from the pool, whose block stays pinned until then."""
+        length = len(view)
+        self._small += protocol.data_head(lease_id, length)
+        self.output_size += protocol.DATA_HEAD_SIZE
+        if length < protocol.STREAM_MIN:
+            self._small += view
+            self.output_size += length
+        else:
+            self._reply_view(view, self.store.pin(lease_id))
+        self._account(msg_type, request, protocol.OK, view)
 
     def _renew(self, message: protocol.Renew) -> None:
         status = self.store.renew(message.lease_id, message.duration_ms, self.tenant or 0)
-        self._finish(message, protocol.DataSet(status), status)
+        self._status(protocol.RENEW, message, status)
 
     def _release(self, message: protocol.Release) -> None:
         status = self.store.release(message.lease_id, self.tenant or 0)
-        self._finish(message, protocol.DataSet(status), status)
+        self._status(protocol.RELEASE, message, status)
 
     def _stats(self, message: protocol.Stats) -> None:
-        self._finish(message, protocol.StatsReply(self.service.stats(self.tenant)), protocol.OK)
+        reply = protocol.StatsReply(self.service.stats(self.tenant))
+        self._finish(protocol.STATS, message, reply, protocol.OK)
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
         cells = min(max(message.cells, 1), MAX_MAP_CELLS)
@@ -446,7 +464,7 @@ class Connection:
             tuple(self.store.usage_by_cell(cells)),
             tuple(sorted(self.store.free_blocks().items())),
         )
-        self._finish(message, reply, protocol.OK)
+        self._finish(protocol.POOL_MAP, message, reply, protocol.OK)
 
     def _auth(self, message: protocol.Auth) -> None:
         service = self.service
@@ -468,14 +486,14 @@ class Connection:
                 service.warn("auth", self.peer, "%s presented a wrong token; closing", self.peer)
         if tenant is None:
             service.counters["auth_failures"] += 1
-            self._finish(message, protocol.DataSet(protocol.UNAUTHORIZED), protocol.UNAUTHORIZED)
+            self._status(protocol.AUTH, message, protocol.UNAUTHORIZED)
             self.tenant = None
             self.closing = True
             return
         self.tenant = tenant
         if service.tenants is not None:
             log.debug("%s authenticated as tenant %s", self.peer, service.tenants.name(tenant))
-        self._finish(message, protocol.DataSet(protocol.OK), protocol.OK)
+        self._status(protocol.AUTH, message, protocol.OK)
 
     def _close_guessing(self) -> None:
         """Most of what this connection asks for does not exist: it is guessing lease ids.
@@ -500,15 +518,13 @@ class Connection:
     # Large writes.
 
     def _begin_upload(self, frame: protocol.DataFrame) -> None:
-        request = _UploadRequest(frame)
+        """A large write's fixed fields are here: stage its data, or skip it and answer."""
         buffer = None
-        if self.tenant is None:
-            status = protocol.UNAUTHORIZED
-        elif frame.length > self.service.max_data:
+        if frame.length > self.service.max_data:
             status = protocol.TOO_LARGE
         else:
             status = self.store.check_write(
-                frame.lease_id, frame.offset, frame.length, self.tenant
+                frame.lease_id, frame.offset, frame.length, self.tenant or 0
             )
         if status == protocol.OK:
             buffer = self.service.staging.take(frame.length)
@@ -519,12 +535,10 @@ class Connection:
                 )
         if buffer is None:
             self._decoder.skip_payload()
-            if status == protocol.UNAUTHORIZED:
-                self._finish(request, protocol.Error(status, frame.msg_type), status)
-            else:
-                self._finish(request, protocol.DataSet(status), status)
+            self._status(frame.msg_type, frame, status)
             return
         self._upload = _Upload(frame, buffer)
+        self.uploading = True
 
     def _continue_upload(self) -> bool:
         """Take buffered bytes of the write; True once it is whole and answered."""
@@ -542,13 +556,14 @@ class Connection:
             zero_rest=frame.msg_type == protocol.REPLACE,
         )
         self._drop_upload()
-        self._finish(_UploadRequest(frame), protocol.DataSet(status), status)
+        self._status(frame.msg_type, frame, status)
         return True
 
     def _drop_upload(self) -> None:
         if self._upload is not None:
             self.service.staging.give(self._upload.buffer)
             self._upload = None
+            self.uploading = False
 
 
 def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[Buffer, Any]]:
@@ -560,44 +575,20 @@ def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[
     return out
 
 
-class _UploadRequest:
-    """A streamed write, as the log and the counters name it."""
-
-    __slots__ = ("frame",)
-
-    def __init__(self, frame: protocol.DataFrame) -> None:
-        self.frame = frame
+def _type_of(request: Any) -> int:
+    """The message type of a request, or of the large write a DataFrame begins."""
+    if type(request) is protocol.DataFrame:
+        return int(request.msg_type)
+    return protocol.REQUEST_TYPES[type(request)]
 
 
-class _StreamedData:
-    """A Data reply whose bytes were queued from the pool, as the log describes it."""
-
-    __slots__ = ("lease_id", "length")
-
-    def __init__(self, lease_id: int, length: int) -> None:
-        self.lease_id = lease_id
-        self.length = length
-
-
-
-
-_COMMANDS = {kind: protocol.TYPE_NAMES[number] for kind, number in protocol.REQUEST_TYPES.items()}
-
-
-def _command(request: object) -> str:
-    if isinstance(request, _UploadRequest):
-        return protocol.TYPE_NAMES[request.frame.msg_type]
-    return _COMMANDS[type(request)]
-
-
-def _describe_request(request: Any) -> str:
+def _describe_request(msg_type: int, request: Any) -> str:
     """A request in words for the log: its command and what it asks."""
+    name = protocol.TYPE_NAMES[msg_type]
     if isinstance(request, protocol.Lease):
         return "lease %d bytes for %d ms" % (request.size, request.duration_ms)
-    name = _command(request)
-    if isinstance(request, _UploadRequest):
-        frame = request.frame
-        return _span(name, frame.lease_id, frame.length, frame.offset)
+    if isinstance(request, protocol.DataFrame):
+        return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, (protocol.SetData, protocol.Replace, protocol.Write)):
         return _span(name, request.lease_id, len(request.data), getattr(request, "offset", 0))
     if isinstance(request, protocol.Read):
@@ -614,17 +605,19 @@ def _span(name: str, lease_id: int, length: int, offset: int) -> str:
 
 
 def _describe(reply: object, status: int) -> str:
-    """The result of a request, in words for the log."""
+    """The result of a request, in words for the log; a memoryview is data sent."""
     if isinstance(reply, protocol.Leased):
         if reply.lease_id > 0:
             return "id %d" % reply.lease_id
         if reply.lease_id == protocol.NO_MEMORY:
             return "refused (%s)" % protocol.NO_MEMORY_TEXT
         return "refused (%s)" % protocol.STATUS_TEXT.get(reply.lease_id, str(reply.lease_id))
+    if isinstance(reply, memoryview):
+        if len(reply) >= protocol.STREAM_MIN:
+            return "%d bytes, sent from the pool" % len(reply)
+        return "%d bytes" % len(reply)
     if isinstance(reply, protocol.Data):
-        return "%d bytes" % len(reply.data) if status == protocol.OK else "not found"
-    if isinstance(reply, _StreamedData):
-        return "%d bytes, sent from the pool" % reply.length
+        return "not found"  # a Data reply with data is described by its view
     if isinstance(reply, protocol.StatsReply):
         return "%d counters" % len(reply.stats)
     if isinstance(reply, protocol.PoolMapReply):
@@ -644,4 +637,5 @@ _ANSWERS: Dict[type, Callable[[Connection, Any], None]] = {
     protocol.Stats: Connection._stats,
     protocol.PoolMap: Connection._pool_map,
     protocol.Auth: Connection._auth,
+    protocol.DataFrame: Connection._begin_upload,
 }

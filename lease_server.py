@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 import protocol
 from connection import Connection, Service
@@ -86,6 +86,7 @@ class Channel:
         "timer",
         "closed",
         "resuming",
+        "counters",
     )
 
     def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: Peer) -> None:
@@ -94,6 +95,7 @@ class Channel:
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = Connection(server.service, peer)
+        self.counters = server.service.counters
         self.reading = False
         self.writing = False
         self.peer_done = False  # the peer sent its FIN
@@ -106,12 +108,17 @@ class Channel:
         self.closed = False
         self.resuming = False  # a resume() of the connection is due on the next turn
         self.timer: Timer = self.loop.call_later(server.idle_timeout, self._check_timeouts)
+
+    def start(self) -> None:
+        """Begin: the TLS handshake, or reading."""
         if self.handshaking:  # a handshake must finish as fast as a frame must arrive
             self.frame_since = self.last_active
-            self._wake_by(self.last_active + server.frame_timeout)
-            self._handshake()
+            self._wake_by(self.last_active + self.server.frame_timeout)
+            self.on_writable()
         else:
             self._set_reading(True)
+            # Most clients send a request at once: read it now rather than a turn later.
+            self.on_readable()
 
     # Events.
 
@@ -175,7 +182,7 @@ class Channel:
             return
         now = self.loop.now
         self.last_active = now
-        self.server.service.counters["bytes_received"] += received
+        self.counters["bytes_received"] += received
         if conn.in_frame:
             if self.frame_since is None or conn.answered != self.frame_mark:
                 self.frame_since = now
@@ -192,10 +199,13 @@ class Channel:
             return
         if self.closed or self.lingering:  # lingering: only _linger reads, nothing is sent
             return
-        self._set_reading(conn.wants_input and not self.peer_done)
-        if self.reading and self.tls and _pending(self.sock):
+        reading = conn.wants_input and not self.peer_done
+        if reading != self.reading:
+            self._set_reading(reading)
+        if reading and self.tls and _pending(self.sock):
             self.loop.call_soon(self.on_readable)  # decrypted bytes wait: no event will tell
-        self._set_writing(bool(conn.output_size))
+        if bool(conn.output_size) != self.writing:
+            self._set_writing(not self.writing)
         if conn.has_backlog and not self.resuming:
             self.resuming = True
             self.loop.call_soon(self._resume)
@@ -328,7 +338,7 @@ class Channel:
             self.close()
             return False
         if sent_total:
-            self.server.service.counters["bytes_sent"] += sent_total
+            self.counters["bytes_sent"] += sent_total
             self.last_active = self.loop.now
         return True
 
@@ -420,7 +430,7 @@ class MemLeaseServer:
             self.listeners.append(listen(address))
         for listener in self.listeners:
             listener.setblocking(False)
-            self.loop.add_reader(listener.fileno(), functools.partial(self._accept, listener))
+            self.loop.add_reader(listener.fileno(), self._acceptor(listener))
         self.server_address: Tuple[str, int] = self.listeners[0].getsockname()[:2]
         self.channels: Set[Channel] = set()
         self.service.connections = self.channels.__len__
@@ -488,7 +498,8 @@ class MemLeaseServer:
 
     # Connections.
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, tcp: bool) -> None:
+        """Accept what connections are waiting (up to a batch); ``tcp``: not a Unix socket."""
         service = self.service
         for _ in range(ACCEPT_BATCH):
             try:
@@ -515,7 +526,7 @@ class MemLeaseServer:
                 _refuse(sock, protocol.BUSY)
                 continue
             sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
+            if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
                 try:
@@ -528,9 +539,13 @@ class MemLeaseServer:
                     continue
             service.counters["total_connections"] += 1
             channel = Channel(self, sock, peer)
-            if not channel.closed:  # a handshake can fail at once, on bytes already here
-                self.channels.add(channel)
-                log.debug("%s connected", peer)
+            self.channels.add(channel)
+            log.debug("%s connected", peer)
+            channel.start()
+
+    def _acceptor(self, listener: socket.socket) -> Callable[[], None]:
+        """The callback that accepts on ``listener`` when it is readable."""
+        return functools.partial(self._accept, listener, listener.family != socket.AF_UNIX)
 
     def _pause_accepting(self, listener: socket.socket) -> None:
         fd = listener.fileno()
@@ -538,7 +553,7 @@ class MemLeaseServer:
 
         def resume() -> Optional[float]:
             if not self._stopping.is_set():
-                self.loop.add_reader(fd, lambda: self._accept(listener))
+                self.loop.add_reader(fd, self._acceptor(listener))
             return None
 
         self.loop.call_later(0.1, resume)

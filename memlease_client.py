@@ -126,6 +126,8 @@ def _status_error(status: int, what: str) -> MemLeaseError:
 
 
 def _whole_number(name: str, value: object) -> int:
+    if type(value) is int:  # the usual case, checked first: bool is a subclass of int
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("%s must be an int, not %s" % (name, type(value).__name__))
     return value

@@ -117,9 +117,8 @@ def render(
 
 def render_service(service: Service) -> str:
     """The exposition text of a running server, read from its Service now."""
-    return render(
-        service.stats(None), service.requests, service.store.free_blocks(), service.expiry_lag
-    )
+    stats = service.stats(None)
+    return render(stats, service.request_counts(), service.store.free_blocks(), service.expiry_lag)
 
 
 def respond(head: bytes, metrics: Callable[[], str]) -> bytes:

@@ -10,7 +10,7 @@ See docs/protocol.md for every message and status code.
 """
 
 import struct
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Type, Union
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
@@ -135,6 +135,9 @@ class AccessData(NamedTuple):
         return _FRAME_I.pack(ACCESS_DATA, _I.size, self.lease_id)
 
 
+DATA_HEAD_SIZE = _FRAME_IQ.size
+
+
 def data_head(lease_id: int, length: int) -> bytes:
     """The bytes of a Data reply before its ``length`` data bytes, which may be sent apart."""
     return _FRAME_IQ.pack(ACCESS_DATA, _IQ.size + length, lease_id, length)
@@ -157,6 +160,10 @@ class DataSet(NamedTuple):
 
     def encode(self) -> bytes:
         return _FRAME_I.pack(DATA_SET, _I.size, self.status)
+
+
+# Every status reply, encoded once: most requests are answered with one.
+STATUS_REPLIES = {status: DataSet(status).encode() for status in STATUS_TEXT}
 
 
 class Release(NamedTuple):
@@ -365,8 +372,13 @@ class BadFrame(ProtocolError):
 Parser = Callable[[bytearray, int, int], Message]
 
 
+_SMALL_COPY = 4096  # below this, two copies through a slice cost less than a view's setup
+
+
 def _copy(buf: bytearray, start: int, end: int) -> bytes:
-    """One copy of ``buf[start:end]`` (slicing the bytearray first would make two)."""
+    """A copy of ``buf[start:end]``; one copy (through a view) when it is large."""
+    if end - start < _SMALL_COPY:
+        return bytes(buf[start:end])
     with memoryview(buf) as view:
         return view[start:end].tobytes()
 
@@ -377,7 +389,7 @@ def _type_at(buf: bytearray, payload_start: int) -> int:
     return msg_type
 
 
-def _fixed(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
+def _fixed(layout: struct.Struct, make: "Type[Message]") -> Parser:
     """A parser for a payload of exactly ``layout.size`` bytes."""
 
     def parse(buf: bytearray, start: int, length: int) -> Message:
@@ -387,27 +399,31 @@ def _fixed(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
                 _type_at(buf, start),
                 "payload is %d bytes, expected %d" % (length, layout.size),
             )
-        return make(*layout.unpack_from(buf, start))
+        # tuple.__new__ skips the NamedTuple's Python-level __new__; the layout fits its fields.
+        return tuple.__new__(make, layout.unpack_from(buf, start))
 
     return parse
 
 
-def _with_data(layout: struct.Struct, make: Callable[..., Message]) -> Parser:
+def _with_data(layout: struct.Struct, make: "Type[Message]") -> Parser:
     """A parser for fixed fields whose last one counts the data bytes that follow."""
 
+    fixed = layout.size
+
     def parse(buf: bytearray, start: int, length: int) -> Message:
-        if length < layout.size:
+        if length < fixed:
             raise BadMessage(
                 MALFORMED, _type_at(buf, start), "payload too short: %d bytes" % length
             )
-        *fields, count = layout.unpack_from(buf, start)
-        if count != length - layout.size:
+        fields = layout.unpack_from(buf, start)
+        if fields[-1] != length - fixed:
             raise BadMessage(
                 MALFORMED,
                 _type_at(buf, start),
-                "data length %d disagrees with the frame's %d" % (count, length - layout.size),
+                "data length %d disagrees with the frame's %d" % (fields[-1], length - fixed),
             )
-        return make(*fields, _copy(buf, start + layout.size, start + length))
+        data = _copy(buf, start + fixed, start + length)
+        return tuple.__new__(make, fields[:-1] + (data,))
 
     return parse
 
@@ -421,7 +437,7 @@ def _whole(make: Callable[[bytes], Message]) -> Parser:
     return parse
 
 
-def _empty(make: Callable[[], Message]) -> Parser:
+def _empty(make: "Type[Message]") -> Parser:
     return _fixed(struct.Struct(""), make)
 
 
@@ -508,6 +524,8 @@ class Decoder:
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min
+        # Frames no longer than this are always whole messages: no stream, no refusal.
+        self._whole_max = min(max_payload, stream_min - 1) if streamed else max_payload
         self._buf = bytearray()
         self._start = 0
         self._broken: Optional[BadFrame] = None
@@ -530,7 +548,7 @@ class Decoder:
     @property
     def in_frame(self) -> bool:
         """Whether part of a frame is waiting for the rest."""
-        return bool(self.buffered or self.payload_left or self._discard_left)
+        return bool(len(self._buf) > self._start or self.payload_left or self._discard_left)
 
     def read_payload(self, into: memoryview) -> int:
         """Move buffered data bytes of the current DataFrame into ``into``; returns how many."""
@@ -567,23 +585,26 @@ class Decoder:
         start = self._start
         available = len(buf) - start
         if available < HEADER_SIZE:
-            self._compact()
+            if start:  # drop the bytes consumed: _compact, written out on the hot path
+                del buf[:start]
+                self._start = 0
             return None
         msg_type, length = HEADER.unpack_from(buf, start)
-        fixed = self._streamed.get(msg_type)
-        if (
-            fixed is not None
-            and length >= fixed.size
-            and (length - fixed.size >= self._stream_min or length > self._max_payload)
-        ):
-            return self._data_frame(msg_type, length, fixed)
-        if length < 0 or length > self._max_payload:
-            self._broken = BadFrame(
-                FRAME_TOO_LARGE,
-                msg_type,
-                "frame length %d outside 0..%d" % (length, self._max_payload),
-            )
-            raise self._broken
+        if not 0 <= length <= self._whole_max:  # a frame to stream, or one to refuse
+            fixed = self._streamed.get(msg_type)
+            if (
+                fixed is not None
+                and length >= fixed.size
+                and (length - fixed.size >= self._stream_min or length > self._max_payload)
+            ):
+                return self._data_frame(msg_type, length, fixed)
+            if length < 0 or length > self._max_payload:
+                self._broken = BadFrame(
+                    FRAME_TOO_LARGE,
+                    msg_type,
+                    "frame length %d outside 0..%d" % (length, self._max_payload),
+                )
+                raise self._broken
         if available < HEADER_SIZE + length:
             self._compact()
             return None

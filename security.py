@@ -12,6 +12,7 @@ Each part answers one attack on a server that parses bytes from the network:
 
 import argparse
 import collections
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -178,9 +179,15 @@ def source_of(peer: object) -> str:
     address = getattr(peer, "address", peer)
     if not isinstance(address, tuple):
         return str(address)
-    ip = _ip(address[0])
+    return _source_of_host(address[0])
+
+
+@functools.lru_cache(maxsize=LIMITER_KEYS)
+def _source_of_host(host: str) -> str:
+    """source_of for an IP host; cached, as parsing an address costs more than a request."""
+    ip = _ip(host)
     if ip is None:
-        return str(address[0])
+        return host
     if ip.version == 6:
         return str(ipaddress.ip_network("%s/64" % ip, strict=False))
     return str(ip)
@@ -202,6 +209,7 @@ class AllowList:
 
     def __init__(self, networks: Sequence[IPNetwork]) -> None:
         self.networks = tuple(networks)
+        self._verdicts: Dict[str, bool] = {}  # host -> allowed, for the hosts seen lately
 
     @classmethod
     def parse(cls, text: str) -> "AllowList":
@@ -218,8 +226,15 @@ class AllowList:
         """Whether the peer at ``address`` (from accept) may be served; local sockets may."""
         if not isinstance(address, tuple):
             return True
-        ip = _ip(address[0])
-        return ip is not None and any(ip in network for network in self.networks)
+        host = address[0]
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            if len(self._verdicts) >= LIMITER_KEYS:
+                self._verdicts.clear()
+            ip = _ip(host)
+            verdict = ip is not None and any(ip in network for network in self.networks)
+            self._verdicts[host] = verdict
+        return verdict
 
     def __str__(self) -> str:
         return ",".join(str(network) for network in self.networks)
