@@ -18,6 +18,7 @@ from typing import List
 import protocol
 from connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
 from event_loop import EventLoop
+from lease_server import MemLeaseServer
 from lease_store import LeaseStore
 from test_memlease import (
     TIMEOUT,
@@ -416,6 +417,21 @@ def test_a_timer_months_away_does_not_break_the_wait():
         loop.close()
         left.close()
         right.close()
+
+
+def test_a_request_sent_with_the_connection_is_answered_in_the_turn_that_accepts_it():
+    server = MemLeaseServer(("127.0.0.1", 0), LeaseStore(1 << 20))
+    try:
+        with socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+            sock.sendall(protocol.Lease(64, 60_000).encode())
+            server.loop.run_once(timeout=TIMEOUT)  # one wait: the listener is readable
+            assert server.loop.turns == 1
+            sock.settimeout(0.0)  # the reply is here already, or the test fails
+            reply = decode_all(sock.recv(64))
+            assert len(reply) == 1 and isinstance(reply[0], protocol.Leased)
+            assert reply[0].lease_id > 0
+    finally:
+        server.close()
 
 
 def test_a_server_with_an_idle_timeout_of_a_year_serves():
