@@ -2,8 +2,10 @@
 """Side-by-side benchmark: MemoryLease against memcached, on loopback, stdlib only.
 
 Both servers run on ports from the OS and are driven by the same multi-process load
-generator with 100-byte values; each scenario alternates the two targets within every
+generator with 100-byte values; each scenario alternates the targets within every
 repetition and reports medians, so the ratio is measured under the same machine load.
+A third target, the "python floor", frames each request on a selectors loop and answers
+it with a canned reply: what a Python server costs before it does any work, a ceiling.
 Also: 64 MiB values through the Python API against a raw loopback socket (and Redis),
 10,000 idle connections, clients that never read a 128 MiB reply, the allocator's cost
 per operation by pool size, the server's RSS, its descriptor count after 100,000
@@ -21,6 +23,7 @@ import multiprocessing
 import os
 import random
 import re
+import selectors
 import shutil
 import socket
 import statistics
@@ -231,6 +234,60 @@ def start_memcached() -> Optional[Tuple["subprocess.Popen[bytes]", Target]]:
     raise RuntimeError("memcached did not start")
 
 
+def _floor_server(port_queue: "multiprocessing.Queue[int]") -> None:
+    """The least a Python server on a selectors loop can do: frame each request and answer
+    it with a canned reply of its type.  No store, no checks: a ceiling for ours."""
+    replies = {
+        protocol.LEASE: protocol.Leased(1).encode(),
+        protocol.SET_DATA: protocol.DataSet(protocol.OK).encode(),
+        protocol.ACCESS_DATA: protocol.Data(1, VALUE).encode(),
+    }
+    selector = selectors.DefaultSelector()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    listener.setblocking(False)
+    selector.register(listener, selectors.EVENT_READ)
+    port_queue.put(listener.getsockname()[1])
+    while True:
+        for key, _ in selector.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if sock is listener:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                selector.register(conn, selectors.EVENT_READ, bytearray())
+                continue
+            try:
+                data = sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                selector.unregister(sock)
+                sock.close()
+                continue
+            buf, out, at = key.data, bytearray(), 0
+            buf += data
+            while len(buf) - at >= protocol.HEADER_SIZE:
+                msg_type, length = protocol.HEADER.unpack_from(buf, at)
+                if len(buf) - at < protocol.HEADER_SIZE + length:
+                    break
+                at += protocol.HEADER_SIZE + length
+                out += replies[msg_type]
+            del buf[:at]
+            sock.send(out)  # replies to one read fit the socket's buffer on loopback
+
+
+def start_floor() -> Tuple["multiprocessing.process.BaseProcess", Target]:
+    context = multiprocessing.get_context("spawn")
+    ports: multiprocessing.Queue[int] = context.Queue()
+    process = context.Process(target=_floor_server, args=(ports,), daemon=True)
+    process.start()
+    return process, Target("python floor", ports.get(timeout=30), process.pid or 0)
+
+
 def stop(proc: "subprocess.Popen[bytes]") -> None:
     proc.terminate()
     try:
@@ -259,8 +316,10 @@ def bench_servers(
     targets: List[Target], reps: int, seconds: float, plan: List[Tuple[str, int]]
 ) -> None:
     names = [t.name for t in targets]
-    header = "| scenario | clients | " + " | ".join("%s ops/s" % n for n in names)
-    header += " | ratio ours/memcached |" if len(targets) == 2 else " |"
+    # Each server against memcached, when it is there.
+    compared = [n for n in names if n != "memcached"] if "memcached" in names else []
+    header = "| scenario | clients | " + " | ".join("%s ops/s" % n for n in names) + " |"
+    header += "".join(" %s / memcached |" % n for n in compared)
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     latency_rows = []
@@ -287,8 +346,8 @@ def bench_servers(
                 )
             )
             row = "| %s | %d | %s |" % (scenario, clients, " | ".join("%.0f" % m for m in medians))
-            if len(targets) == 2:
-                row += " %.2f |" % (medians[0] / medians[1])
+            rate = dict(zip(names, medians))
+            row += "".join(" %.2f |" % (rate[n] / rate["memcached"]) for n in compared)
             print(row, flush=True)
             if scenario == "persistent":
                 for n in names:
@@ -663,9 +722,10 @@ def main() -> int:
     if "servers" in sections:
         with tempfile.NamedTemporaryFile(mode="w+") as log:
             ours, ours_target = start_ours("64M", log)
+            floor, floor_target = start_floor()
             memcached = start_memcached()
             try:
-                targets = [ours_target]
+                targets = [ours_target, floor_target]
                 if memcached is None:
                     print("memcached is not on PATH (Debian package 'memcached'): skipped.\n")
                 else:
@@ -673,6 +733,8 @@ def main() -> int:
                 bench_servers(targets, reps, seconds, plan)
             finally:
                 stop(ours)
+                floor.terminate()
+                floor.join(5)
                 if memcached is not None:
                     stop(memcached[0])
     on_linux = os.path.exists("/proc/self/status")
