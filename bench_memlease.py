@@ -53,13 +53,14 @@ class Target(NamedTuple):
     pid: int  # whose CPU time is read, where /proc has it
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far, or 0 without /proc."""
+def _cpu_seconds(pid: int) -> Tuple[float, float]:
+    """User and system CPU time of a process so far, or zeros without /proc."""
     try:
         fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -328,12 +329,16 @@ def bench_servers(
         for scenario, clients in plan:
             rates: Dict[str, List[float]] = {n: [] for n in names}
             latencies: Dict[str, List[List[float]]] = {n: [] for n in names}
-            cpu: Dict[str, List[float]] = {n: [] for n in names}  # server seconds per op
+            # The server's CPU seconds per op, in its own code and in the kernel.
+            cpu: Dict[str, List[float]] = {n: [] for n in names}
+            kernel: Dict[str, List[float]] = {n: [] for n in names}
             for _ in range(reps):
                 for target in targets:
-                    began = _cpu_seconds(target.pid)
+                    user, system = _cpu_seconds(target.pid)
                     result = run_load(pool, scenario, target, clients, seconds)
-                    cpu[target.name].append((_cpu_seconds(target.pid) - began) / result.ops)
+                    user_after, system_after = _cpu_seconds(target.pid)
+                    cpu[target.name].append((user_after - user) / result.ops)
+                    kernel[target.name].append((system_after - system) / result.ops)
                     rates[target.name].append(result.ops / seconds)
                     latencies[target.name].append(result.latencies)
             medians = [statistics.median(rates[n]) for n in names]
@@ -342,7 +347,11 @@ def bench_servers(
                 % (
                     scenario,
                     clients,
-                    " | ".join("%.1f" % (statistics.median(cpu[n]) * 1e6) for n in names),
+                    " | ".join(
+                        "%.1f + %.1f"
+                        % (statistics.median(cpu[n]) * 1e6, statistics.median(kernel[n]) * 1e6)
+                        for n in names
+                    ),
                 )
             )
             row = "| %s | %d | %s |" % (scenario, clients, " | ".join("%.0f" % m for m in medians))
@@ -362,7 +371,7 @@ def bench_servers(
     for row in latency_rows:
         print(row)
     print()
-    print("| server CPU per op, us | clients | " + " | ".join(names) + " |")
+    print("| server CPU per op, us: user + kernel | clients | " + " | ".join(names) + " |")
     print("|" + "---|" * (len(names) + 2))
     for row in cpu_rows:
         print(row)

@@ -304,7 +304,7 @@ class Connection:
             self._process()
 
     def _process(self) -> None:
-        decoder = self._decoder
+        next_message = self._decoder.next_message
         self._paused = self._yielded = False
         budget_end = self.answered + TURN_BUDGET
         while not self.closing:
@@ -319,7 +319,7 @@ class Connection:
             if self._upload is not None and not self._continue_upload():
                 return
             try:
-                message = decoder.next_message()
+                message = next_message()
             except protocol.BadFrame as exc:
                 self.service.warn("frame", self.peer, "%s bad frame, closing: %s", self.peer, exc)
                 self._reply(protocol.Error(exc.status, exc.msg_type).encode())
@@ -333,10 +333,11 @@ class Connection:
                 if self.input_done:
                     self.closing = True  # all that was whole is answered
                 return
-            if self.tenant is None and type(message) is not protocol.Auth:
+            kind = type(message)
+            if self.tenant is None and kind is not protocol.Auth:
                 self._refuse_unauthenticated(message)
             else:
-                _ANSWERS[type(message)](self, message)
+                _ANSWERS[kind](self, message)
 
     def _refuse_unauthenticated(self, request: Any) -> None:
         """Answer a request made before authenticating with Error UNAUTHORIZED."""
