@@ -24,6 +24,7 @@ from lease_store import LeaseStore
 log = logging.getLogger("memlease")
 
 RECV_SIZE = 256 * 1024
+ACCEPT_BATCH = 64  # connections accepted per readable event of a listener
 EXPIRY_SLICE = 256  # leases expired per turn of the loop at most (about 4 ms of work)
 LINGER_SECONDS = 1.0  # how long a closing connection waits for the peer's FIN
 SHUTDOWN_SECONDS = 1.5  # how long a stopping server waits for replies to drain
@@ -498,57 +499,49 @@ class MemLeaseServer:
     # Connections.
 
     def _accept(self, listener: socket.socket, tcp: bool) -> None:
-        """Accept one waiting connection; ``tcp``: the listener is not a Unix socket.
-
-        One a turn, as memcached does: the listener stays readable while more wait, so a
-        burst is taken a connection a turn between the others' requests, and no turn
-        ends in an accept() that fails for want of a connection (about 5 us each).
-        """
-        try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):  # the client gave up meanwhile
-            return
-        except OSError as exc:  # out of descriptors, say: pause instead of spinning
-            self.service.warn("accept", "", "accept failed: %s", exc)
-            self._pause_accepting(listener)
-            return
-        self._admit(sock, address, tcp)
-
-    def _admit(self, sock: socket.socket, address: Any, tcp: bool) -> None:
-        """Serve a new connection, or tell it why not and close it."""
+        """Accept what connections are waiting (up to a batch); ``tcp``: not a Unix socket."""
         service = self.service
-        peer = Peer(address)
-        refusal = service.refusal(address)
-        if refusal is not None:  # refused before a byte is read or a handshake is made
-            counter, reason = refusal
-            service.counters[counter] += 1
-            service.warn(counter, peer, "%s refused: %s", peer, reason)
-            _refuse(sock, None if self.ssl_context else protocol.UNAUTHORIZED)
-            return
-        if len(self.channels) >= self.max_connections:
-            service.counters["connections_refused"] += 1
-            service.warn(
-                "busy", "", "%s refused: %d connections already open", peer, len(self.channels)
-            )
-            _refuse(sock, protocol.BUSY)
-            return
-        sock.setblocking(False)
-        if tcp:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock = self.ssl_context.wrap_socket(
-                    sock, server_side=True, do_handshake_on_connect=False
-                )
-            except (OSError, ssl.SSLError) as exc:
-                log.info("%s TLS setup failed: %s", peer, exc)
-                sock.close()
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-        service.counters["total_connections"] += 1
-        channel = Channel(self, sock, peer)
-        self.channels.add(channel)
-        log.debug("%s connected", peer)
-        channel.start()
+            except OSError as exc:  # out of descriptors, say: pause instead of spinning
+                self.service.warn("accept", "", "accept failed: %s", exc)
+                self._pause_accepting(listener)
+                return
+            peer = Peer(address)
+            refusal = service.refusal(address)
+            if refusal is not None:  # refused before a byte is read or a handshake is made
+                counter, reason = refusal
+                service.counters[counter] += 1
+                self.service.warn(counter, peer, "%s refused: %s", peer, reason)
+                _refuse(sock, None if self.ssl_context else protocol.UNAUTHORIZED)
+                continue
+            if len(self.channels) >= self.max_connections:
+                service.counters["connections_refused"] += 1
+                self.service.warn(
+                    "busy", "", "%s refused: %d connections already open", peer, len(self.channels)
+                )
+                _refuse(sock, protocol.BUSY)
+                continue
+            sock.setblocking(False)
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                except (OSError, ssl.SSLError) as exc:
+                    log.info("%s TLS setup failed: %s", peer, exc)
+                    sock.close()
+                    continue
+            service.counters["total_connections"] += 1
+            channel = Channel(self, sock, peer)
+            self.channels.add(channel)
+            log.debug("%s connected", peer)
+            channel.start()
 
     def _acceptor(self, listener: socket.socket) -> Callable[[], None]:
         """The callback that accepts on ``listener`` when it is readable."""
