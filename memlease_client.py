@@ -787,8 +787,10 @@ set writes from the start of the lease (or from --offset N) and leaves the bytes
 what it writes as they were: add --truncate to zero them in the same request.
 get takes --offset N and --length N.  Options may come anywhere on the line.
 
-host may list servers, host:port,host:port,...: they are used as one cluster, and lease
-ids then name their server, as in a:412/123.
+host may name its port, as in localhost:413 or [::1]:413 (IPv6 in brackets), which then
+beats the port word.  host may list servers, host:port,host:port,...: they are used as
+one cluster, and lease ids then name their server, as in a:412/123; the port word is
+the port of every server listed without one.
 
 examples:
   %(prog)s localhost 412 lease 1024 5000
@@ -1148,12 +1150,13 @@ LeaseKey = Any
 def _open(args: argparse.Namespace) -> Leases:
     """A client for the host, or for the cluster when the host lists several servers."""
     tls = _tls_from_args(args)
-    try:
-        if "," not in args.host:
-            return MemLeaseClient(args.host, args.port, timeout=args.timeout, tls=tls)
-        import memlease_cluster
+    import memlease_cluster
 
-        servers = memlease_cluster.parse_servers(args.host)
+    try:
+        if "," not in args.host:  # a port in the host (a:413, [::1]:413) beats the port word
+            host, port = memlease_cluster.parse_server(args.host, args.port)
+            return MemLeaseClient(host, port, timeout=args.timeout, tls=tls)
+        servers = memlease_cluster.parse_servers(args.host, args.port)
         return memlease_cluster.MemLeaseCluster(servers, timeout=args.timeout, tls=tls)
     except InvalidArgument as exc:
         raise _UsageError(str(exc)) from None

@@ -71,8 +71,9 @@ class LeaseHandle(NamedTuple):
 Handle = Union[LeaseHandle, str]
 
 
-def parse_server(text: str) -> Tuple[str, int]:
-    """``host[:port]`` (IPv6 in brackets, ``[::1]:412``; a bare IPv6 address takes port 412)."""
+def parse_server(text: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
+    """``host[:port]`` (IPv6 in brackets, ``[::1]:412``); without a port, ``default_port``,
+    as a bare IPv6 address takes."""
     text = text.strip()
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
@@ -86,15 +87,15 @@ def parse_server(text: str) -> Tuple[str, int]:
     if not host:
         raise InvalidArgument("server %r has no host" % text)
     if not port_text:
-        return host, DEFAULT_PORT
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise InvalidArgument("server %r: the port must be a number from 1 to 65535" % text)
     return host, int(port_text)
 
 
-def parse_servers(text: str) -> List[str]:
+def parse_servers(text: str, default_port: int = DEFAULT_PORT) -> List[str]:
     """A comma-separated ``host[:port]`` list as server names: "a,b:413" -> ["a:412", "b:413"]."""
-    names = [address_text(*parse_server(item)) for item in text.split(",")]
+    names = [address_text(*parse_server(item, default_port)) for item in text.split(",")]
     if len(set(names)) != len(names):
         raise InvalidArgument("a server is listed twice in %r" % text)
     return names

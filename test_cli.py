@@ -20,7 +20,7 @@ import pytest
 import pool_picture
 import protocol
 from memlease_client import MemLeaseClient
-from test_memlease import ServerProcess, server_process
+from test_memlease import ServerProcess, server_process, server_thread
 
 HERE = Path(__file__).resolve().parent
 SERVER = str(HERE / "memlease_server.py")
@@ -364,6 +364,33 @@ def test_a_host_list_is_a_cluster_whose_ids_name_their_server() -> None:
             b"memlease_client.py: usage error: lease handle '123' is not host:port/ID, "
             b"e.g. a:412/123" + USAGE_HINT,
         )
+
+
+def test_a_host_may_name_its_port_and_the_port_word_is_every_servers_default(
+    server: ServerProcess,
+) -> None:
+    lease_id = lease(server, 64)
+    named = cli("renew", str(lease_id), "60000", host="127.0.0.1:%d" % server.port)
+    assert outcome(named) == (0, b"Lease %d renewed for 60000 MS\n" % lease_id, b"")
+    beaten = cli("stats", host="127.0.0.1:%d" % server.port, port=1)  # the host's port wins
+    assert beaten.returncode == 0 and b"live_leases" in beaten.stdout, beaten
+    for hosts in ("127.0.0.1,localhost", "127.0.0.1:%d,localhost" % server.port):
+        listed = cli("stats", host=hosts, port=server.port)  # a cluster of two names for it
+        assert listed.returncode == 0 and b"live_leases" in listed.stdout, listed
+
+
+def test_an_ipv6_host_is_written_in_brackets_with_its_port() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with server_thread(host="::1") as ipv6:
+        port = ipv6.server_address[1]
+        out = cli("lease", "64", "5000", host="[::1]:%d" % port)
+        assert out.returncode == 0 and out.stdout.startswith(b"You have leased 64 bytes"), out
+        out = cli("lease", "64", "5000", host="::1", port=port)
+        assert out.returncode == 0 and out.stdout.startswith(b"You have leased 64 bytes"), out
 
 
 def test_tls_files_that_cannot_be_used_are_a_usage_error(tmp_path: Path) -> None:
