@@ -9,7 +9,7 @@ stall of the lease port.  Names follow memcached_exporter's, with a ``memlease_`
 
 import logging
 import socket
-from typing import Callable, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import protocol
 from connection import Service
@@ -20,7 +20,7 @@ log = logging.getLogger("memlease")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8 * 1024  # a request head longer than this is answered 431 and closed
 REQUEST_SECONDS = 5.0  # a scrape must be asked and answered within this
-MAX_CLIENTS = 64  # scrapes served at once; more are closed at once
+MAX_CLIENTS = 64  # scrapes at once; past this the oldest idle one makes room (see _accept)
 ACCEPT_BATCH = 16
 
 # A status as a label value; a refused lease (Leased -1) has its own word.
@@ -238,7 +238,7 @@ class _Scrape:
         loop.cancel(self.timer)
         self.sock.close()
         self.fd = -1
-        self.server.scrapes.discard(self)
+        self.server.scrapes.pop(self, None)
 
 
 class MetricsServer:
@@ -258,7 +258,7 @@ class MetricsServer:
         self.listener = socket.create_server(address, family=family)
         self.listener.setblocking(False)
         self.address: Tuple[str, int] = self.listener.getsockname()[:2]
-        self.scrapes: Set[_Scrape] = set()
+        self.scrapes: Dict[_Scrape, None] = {}  # oldest first
         loop.add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -271,11 +271,21 @@ class MetricsServer:
                 log.warning("metrics: accept failed: %s", exc)
                 self._pause_accepting()
                 return
-            if len(self.scrapes) >= MAX_CLIENTS:
+            if len(self.scrapes) >= MAX_CLIENTS and not self._make_room():
                 sock.close()
                 continue
             sock.setblocking(False)
-            self.scrapes.add(_Scrape(self, sock))
+            self.scrapes[_Scrape(self, sock)] = None
+
+    def _make_room(self) -> bool:
+        """Close the oldest scrape that is not sending a response, so that connections
+        which send nothing (or never read their end) cannot keep /health from answering;
+        False if every one is sending."""
+        for scrape in self.scrapes:
+            if not scrape.out:
+                scrape.close()
+                return True
+        return False
 
     @property
     def url(self) -> str:

@@ -461,6 +461,19 @@ def test_a_stalled_scraper_neither_blocks_the_lease_port_nor_stays() -> None:
         assert wait_for(lambda: not endpoint.scrapes)
 
 
+def test_silent_connections_filling_every_slot_do_not_keep_health_from_answering() -> None:
+    with with_metrics() as (_, endpoint), contextlib.ExitStack() as stack:
+        silent = [
+            stack.enter_context(socket.create_connection(endpoint.address, timeout=TIMEOUT))
+            for _ in range(metrics.MAX_CLIENTS)
+        ]
+        assert wait_for(lambda: len(endpoint.scrapes) == metrics.MAX_CLIENTS)
+        for _ in range(3):  # each answer takes the place of the oldest silent connection
+            assert http_get(endpoint.address, b"GET /health HTTP/1.0\r\n\r\n").endswith(b"ok\n")
+        assert silent[0].recv(100) == b""  # the oldest was closed to make room
+        assert len(endpoint.scrapes) <= metrics.MAX_CLIENTS
+
+
 def test_the_command_line_serves_metrics_and_refuses_a_bad_address() -> None:
     with running("1M", "--bind", "127.0.0.1", "--metrics", "127.0.0.1:0") as server:
         match = re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", server.output())
