@@ -6,15 +6,16 @@ generator with 100-byte values; each scenario alternates the targets within ever
 repetition and reports medians, so the ratio is measured under the same machine load.
 A third target, the "python floor", frames each request on a selectors loop and answers
 it with a canned reply: what a Python server costs before it does any work, a ceiling.
-Also: 64 MiB values through the Python API against a raw loopback socket (and Redis),
+Also: what one request costs in this process without sockets (decoding, the store, the
+whole), 64 MiB values through the Python API against a raw loopback socket (and Redis),
 10,000 idle connections, clients that never read a 128 MiB reply, the allocator's cost
 per operation by pool size, the server's RSS, its descriptor count after 100,000
 one-request connections (the original leaked one each), and the store at scale.
 
     python3 bench_memlease.py            # about 6 minutes
     python3 bench_memlease.py --quick    # about 2 minutes
-    python3 bench_memlease.py --section large   # one section: servers, large, idle,
-                                                # slow-readers, allocator, memory,
+    python3 bench_memlease.py --section large   # one section: servers, request, large,
+                                                # idle, slow-readers, allocator, memory,
                                                 # descriptors, store
 """
 
@@ -37,6 +38,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import protocol
 from buddy import BuddyAllocator
+from connection import Connection, Service
+from lease_store import LeaseStore
 from memlease_client import MemLeaseClient
 
 HERE = Path(__file__).resolve().parent
@@ -377,6 +380,48 @@ def bench_servers(
         print(row)
 
 
+def bench_request(reps: int, batches: int = 200) -> None:
+    """What one 100-byte request costs in this process, without sockets: decoding it, the
+    store's write or read, and the whole of it through a Connection (SET and GET alike)."""
+    store = LeaseStore(1 << 20)
+    lease_id = store.lease(len(VALUE), 3_600_000, 0, 0)
+    batch = (protocol.SetData(lease_id, VALUE).encode() + protocol.AccessData(lease_id).encode())
+    batch *= BATCH // 2
+    decoder = protocol.request_decoder()
+    conn = Connection(Service(store), "bench")
+
+    def decode() -> None:
+        decoder.feed(batch)
+        while decoder.next_message() is not None:
+            pass
+
+    def store_ops() -> None:
+        for _ in range(BATCH // 2):
+            store.write(lease_id, 0, VALUE)
+            store.read(lease_id)
+
+    def whole() -> None:
+        conn.receive(batch)
+        conn.sent(conn.output_size)
+
+    print()
+    print("| one request, in this process | us (median of %d) |" % reps)
+    print("|---|---|")
+    parts = (
+        ("decode", decode),
+        ("store write or read", store_ops),
+        ("all of it, through a Connection", whole),
+    )
+    for label, action in parts:
+        times = []
+        for _ in range(reps):
+            began = time.perf_counter()
+            for _ in range(batches):
+                action()
+            times.append((time.perf_counter() - began) / (batches * BATCH))
+        print("| %s | %.2f |" % (label, statistics.median(times) * 1e6))
+
+
 def bench_allocator(reps: int, operations: int) -> None:
     print()
     print("| allocator pool | alloc+free per second | cost vs 16 MiB |")
@@ -695,7 +740,8 @@ def bench_store_section(quick: bool) -> None:
 
 
 SECTIONS = (
-    "servers", "large", "idle", "slow-readers", "allocator", "memory", "descriptors", "store",
+    "servers", "request", "large", "idle", "slow-readers", "allocator", "memory",
+    "descriptors", "store",
 )  # fmt: skip
 
 
@@ -747,6 +793,8 @@ def main() -> int:
                 if memcached is not None:
                     stop(memcached[0])
     on_linux = os.path.exists("/proc/self/status")
+    if "request" in sections:
+        bench_request(reps)
     if "large" in sections:
         bench_large(reps)
     if "idle" in sections and on_linux:
