@@ -12,8 +12,8 @@ whole), 64 MiB values through the Python API against a raw loopback socket (and 
 per operation by pool size, the server's RSS, its descriptor count after 100,000
 one-request connections (the original leaked one each), and the store at scale.
 
-    python3 bench_memlease.py            # about 6 minutes
-    python3 bench_memlease.py --quick    # about 2 minutes
+    python3 bench_memlease.py            # about 8 minutes
+    python3 bench_memlease.py --quick    # about 1.5 minutes
     python3 bench_memlease.py --section large   # one section: servers, request, large,
                                                 # idle, slow-readers, allocator, memory,
                                                 # descriptors, store
