@@ -180,7 +180,6 @@ class Connection:
 
     def __init__(self, service: Service, peer: object) -> None:
         self.service = service
-        self._requests = service.requests  # counted on every request: one lookup, not two
         self.store = service.store
         self.peer = peer
         self.tenant = service.authenticate(None)
@@ -193,7 +192,6 @@ class Connection:
         self._out: Deque[Tuple[Buffer, Optional[object]]] = collections.deque()
         self._small = bytearray()  # small replies, joined until they are sent
         self._upload: Optional[_Upload] = None
-        self.uploading = False  # a large write is being received: see receive_buffer()
         self._paused = False  # requests wait in the decoder until the output drains
         self._views_queued = 0  # replies queued as views of the pool, not yet sent
         self._yielded = False  # requests wait in the decoder for the next turn
@@ -363,7 +361,7 @@ class Connection:
         """Count a request answered, by type and status, and log it; ``reply`` describes
         the answer in the log (None: the status says it all)."""
         self.answered += 1
-        self._requests[msg_type, status] += 1
+        self.service.requests[msg_type, status] += 1
         if status == protocol.NOT_FOUND and msg_type != protocol.LEASE:
             self.misses += 1
             if security.guessing(self.misses, self.answered):
@@ -540,7 +538,6 @@ class Connection:
             self._status(frame.msg_type, frame, status)
             return
         self._upload = _Upload(frame, buffer)
-        self.uploading = True
 
     def _continue_upload(self) -> bool:
         """Take buffered bytes of the write; True once it is whole and answered."""
@@ -565,7 +562,6 @@ class Connection:
         if self._upload is not None:
             self.service.staging.give(self._upload.buffer)
             self._upload = None
-            self.uploading = False
 
 
 def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[Buffer, Any]]:

@@ -86,7 +86,6 @@ class Channel:
         "timer",
         "closed",
         "resuming",
-        "counters",
     )
 
     def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: Peer) -> None:
@@ -95,7 +94,6 @@ class Channel:
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = Connection(server.service, peer)
-        self.counters = server.service.counters
         self.reading = False
         self.writing = False
         self.peer_done = False  # the peer sent its FIN
@@ -152,7 +150,7 @@ class Channel:
         received = 0
         try:
             while True:
-                into = conn.receive_buffer() if conn.uploading else None
+                into = conn.receive_buffer()
                 if into is not None:
                     n = sock.recv_into(into)
                     if n:
@@ -182,7 +180,7 @@ class Channel:
             return
         now = self.loop.now
         self.last_active = now
-        self.counters["bytes_received"] += received
+        self.server.service.counters["bytes_received"] += received
         if conn.in_frame:
             if self.frame_since is None or conn.answered != self.frame_mark:
                 self.frame_since = now
@@ -199,13 +197,10 @@ class Channel:
             return
         if self.closed or self.lingering:  # lingering: only _linger reads, nothing is sent
             return
-        reading = conn.wants_input and not self.peer_done
-        if reading != self.reading:
-            self._set_reading(reading)
-        if reading and self.tls and _pending(self.sock):
+        self._set_reading(conn.wants_input and not self.peer_done)
+        if self.reading and self.tls and _pending(self.sock):
             self.loop.call_soon(self.on_readable)  # decrypted bytes wait: no event will tell
-        if bool(conn.output_size) != self.writing:
-            self._set_writing(not self.writing)
+        self._set_writing(bool(conn.output_size))
         if conn.has_backlog and not self.resuming:
             self.resuming = True
             self.loop.call_soon(self._resume)
@@ -338,7 +333,7 @@ class Channel:
             self.close()
             return False
         if sent_total:
-            self.counters["bytes_sent"] += sent_total
+            self.server.service.counters["bytes_sent"] += sent_total
             self.last_active = self.loop.now
         return True
 

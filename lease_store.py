@@ -572,17 +572,9 @@ class LeaseStore:
         return pos if pos >= 0 and self._tenants[pos] == tenant else -1
 
     def _live(self, lease_id: int, tenant: int) -> int:
-        """Like _find, but a lease whose deadline has passed is expired now and not found.
-
-        Every request on a lease starts here, so _find's steps are written out in it.
-        """
-        pos = self._index[lease_id & self._mask]
-        if not (0 <= pos < len(self._ids) and self._ids[pos] == lease_id):
-            return -1
-        if self._tenants[pos] != tenant:
-            return -1
-        # _now(), written out: int() is not needed to compare with an integer deadline.
-        if self._deadlines[pos] <= (self._clock() - self._epoch) * 1000.0 + _SLACK_MS:
+        """Like _find, but a lease whose deadline has passed is expired now and not found."""
+        pos = self._find(lease_id, tenant)
+        if pos >= 0 and self._deadlines[pos] <= self._now():
             self._retire(pos)
             self.counters["leases_expired"] += 1
             return -1

@@ -585,9 +585,7 @@ class Decoder:
         start = self._start
         available = len(buf) - start
         if available < HEADER_SIZE:
-            if start:  # drop the bytes consumed: _compact, written out on the hot path
-                del buf[:start]
-                self._start = 0
+            self._compact()
             return None
         msg_type, length = HEADER.unpack_from(buf, start)
         if not 0 <= length <= self._whole_max:  # a frame to stream, or one to refuse

@@ -209,7 +209,8 @@ class AllowList:
 
     def __init__(self, networks: Sequence[IPNetwork]) -> None:
         self.networks = tuple(networks)
-        self._verdicts: Dict[str, bool] = {}  # host -> allowed, for the hosts seen lately
+        # Parsing an address costs more than a request: a verdict per host is kept.
+        self._allows_host = functools.lru_cache(maxsize=LIMITER_KEYS)(self._judge_host)
 
     @classmethod
     def parse(cls, text: str) -> "AllowList":
@@ -226,15 +227,11 @@ class AllowList:
         """Whether the peer at ``address`` (from accept) may be served; local sockets may."""
         if not isinstance(address, tuple):
             return True
-        host = address[0]
-        verdict = self._verdicts.get(host)
-        if verdict is None:
-            if len(self._verdicts) >= LIMITER_KEYS:
-                self._verdicts.clear()
-            ip = _ip(host)
-            verdict = ip is not None and any(ip in network for network in self.networks)
-            self._verdicts[host] = verdict
-        return verdict
+        return self._allows_host(address[0])
+
+    def _judge_host(self, host: str) -> bool:
+        ip = _ip(host)
+        return ip is not None and any(ip in network for network in self.networks)
 
     def __str__(self) -> str:
         return ",".join(str(network) for network in self.networks)
