@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """MemoryLease server: lends chunks of its memory to clients for a duration.
 
-The command line.  The parts live beside it, one job each: ``lease_store`` (the memory,
-the allocator, the leases and their expiry), ``connection`` (the protocol of one
-connection, without sockets), ``event_loop`` (file and time events on one thread) and
-``lease_server`` (the listener that joins them).
+The command line.  The parts live in the memlease package, one job each:
+``memlease.store`` (the memory, the allocator, the leases and their expiry),
+``memlease.connection`` (the protocol of one connection, without sockets),
+``memlease.loop`` (file and time events on one thread) and ``memlease.listener`` (the
+listener that joins them).
 
     sudo python3 memlease_server.py 412 2048
 """
@@ -18,13 +19,13 @@ import sys
 from typing import Callable, List, NoReturn, Optional, Tuple
 
 import protocol
-import security
-from connection import Service
-from lease_server import MemLeaseServer, install_signal_handlers
-from lease_store import TABLE_SUFFIX, LeaseStore
-from metrics import MetricsServer, render_service
-from systemd import ActivationError, listen_fds
-from units import parse_size
+from memlease import security
+from memlease.connection import Service
+from memlease.listener import MemLeaseServer, install_signal_handlers
+from memlease.metrics import MetricsServer, render_service
+from memlease.store import TABLE_SUFFIX, LeaseStore
+from memlease.systemd import ActivationError, listen_fds
+from memlease.units import parse_size
 
 __all__ = ["LeaseStore", "MemLeaseServer", "main", "parse_size"]
 

@@ -12,9 +12,9 @@ whole), 64 MiB values through the Python API against a raw loopback socket (and 
 per operation by pool size, the server's RSS, its descriptor count after 100,000
 one-request connections (the original leaked one each), and the store at scale.
 
-    python3 bench_memlease.py            # about 8 minutes
-    python3 bench_memlease.py --quick    # about 1.5 minutes
-    python3 bench_memlease.py --section large   # one section: servers, request, large,
+    python3 bench/bench_memlease.py            # about 8 minutes
+    python3 bench/bench_memlease.py --quick    # about 1.5 minutes
+    python3 bench/bench_memlease.py --section large   # one section: servers, request, large,
                                                 # idle, slow-readers, allocator, memory,
                                                 # descriptors, store
 """
@@ -36,24 +36,21 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the program's modules
+
 import protocol
 from buddy import BuddyAllocator
-from connection import Connection, Service
-from lease_store import LeaseStore
+from memlease.connection import Connection, Service
+from memlease.store import LeaseStore
 from memlease_client import MemLeaseClient
 
-HERE = Path(__file__).resolve().parent
+from launch import Target, free_port, start_ours, stop
+
 VALUE = bytes(range(100))
 BATCH = 100  # requests per pipelined batch
 
 
 # The two targets, each as a minimal client speaking its own protocol.
-
-
-class Target(NamedTuple):
-    name: str
-    port: int
-    pid: int  # whose CPU time is read, where /proc has it
 
 
 def _cpu_seconds(pid: int) -> Tuple[float, float]:
@@ -196,34 +193,11 @@ def run_load(
 # Servers.
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_ours(
-    pool: str, log: "tempfile._TemporaryFileWrapper[str]"
-) -> Tuple["subprocess.Popen[bytes]", Target]:
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "memlease_server.py"), "0", pool, "--bind", "127.0.0.1", "-q"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    for _ in range(200):
-        match = re.search(r"starting server on port (\d+)", Path(log.name).read_text())
-        if match:
-            return proc, Target("memlease", int(match.group(1)), proc.pid)
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("memlease_server did not start: " + Path(log.name).read_text())
-
-
 def start_memcached() -> Optional[Tuple["subprocess.Popen[bytes]", Target]]:
     binary = shutil.which("memcached")
     if binary is None:
         return None
-    port = _free_port()
+    port = free_port()
     user = ["-u", "root"] if os.geteuid() == 0 else []
     proc = subprocess.Popen(
         [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64", *user]
@@ -290,15 +264,6 @@ def start_floor() -> Tuple["multiprocessing.process.BaseProcess", Target]:
     process = context.Process(target=_floor_server, args=(ports,), daemon=True)
     process.start()
     return process, Target("python floor", ports.get(timeout=30), process.pid or 0)
-
-
-def stop(proc: "subprocess.Popen[bytes]") -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 # The parts of the report.
@@ -583,7 +548,7 @@ def _redis_rates(reps: int) -> Optional[Tuple[float, float]]:
     binary = shutil.which("redis-server")
     if binary is None:
         return None
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--protected-mode", "no"],
@@ -732,7 +697,7 @@ def bench_slow_readers(readers: int = 4, size: int = 128 << 20) -> None:
 
 
 def bench_store_section(quick: bool) -> None:
-    import bench_store
+    import bench_store  # imports launch, not this module
 
     print()
     for line in bench_store.run(quick):

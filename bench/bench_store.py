@@ -7,7 +7,7 @@ second process meanwhile, so the load generator's own pauses never count as the 
 Memory is the server's RSS.  One case runs the store alone in this process, to show its
 own share of a pause: the longest garbage collection and the longest lease() call.
 
-    flock /tmp/memlease-bench.lock python3 bench_store.py [--quick]
+    flock /tmp/memlease-bench.lock python3 bench/bench_store.py [--quick]
 """
 
 import argparse
@@ -16,12 +16,17 @@ import gc
 import multiprocessing
 import re
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the program's modules
+
 import protocol
+
+from launch import start_ours, stop
 
 BATCH = 2000  # requests sent before their replies are read
 MIB = 1 << 20
@@ -135,8 +140,6 @@ class Server(NamedTuple):
 @contextlib.contextmanager
 def running_server(pool: int) -> Iterator[Server]:
     """A server process on a port of the OS's choosing, stopped on the way out."""
-    from bench_memlease import start_ours, stop  # the benchmarks' own launcher
-
     with tempfile.NamedTemporaryFile(mode="w+") as log:
         process, target = start_ours(str(pool), log)
         try:
@@ -178,7 +181,7 @@ def metadata_and_growth(scale: Scale) -> Tuple[str, str]:
 
 def collector_pauses(scale: Scale) -> str:
     """The store alone, in this process: its longest call and the collector's longest pass."""
-    from lease_store import LeaseStore
+    from memlease.store import LeaseStore
 
     store = LeaseStore(scale.leases * 32)
     passes: List[float] = []
@@ -295,7 +298,7 @@ def main() -> int:
     for line in rows(QUICK if args.quick else FULL):
         print(line, flush=True)
     print(
-        "\n`flock /tmp/memlease-bench.lock python3 bench_store.py%s`"
+        "\n`flock /tmp/memlease-bench.lock python3 bench/bench_store.py%s`"
         % (" --quick" if args.quick else "")
     )
     return 0

@@ -19,8 +19,8 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import protocol
-import security
-from lease_store import LeaseStore
+from memlease import security
+from memlease.store import LeaseStore
 
 log = logging.getLogger("memlease")
 

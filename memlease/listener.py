@@ -17,9 +17,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 import protocol
-from connection import Connection, Service
-from event_loop import EventLoop, Timer
-from lease_store import LeaseStore
+from memlease.connection import Connection, Service
+from memlease.loop import EventLoop, Timer
+from memlease.store import LeaseStore
 
 log = logging.getLogger("memlease")
 

@@ -12,8 +12,8 @@ import socket
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import protocol
-from connection import Service
-from event_loop import EventLoop, Timer
+from memlease.connection import Service
+from memlease.loop import EventLoop, Timer
 
 log = logging.getLogger("memlease")
 

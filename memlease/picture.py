@@ -6,8 +6,8 @@ map`` prints can be tested without a server or a terminal.
 
 from typing import List, NamedTuple, Sequence, Tuple
 
+from memlease.units import format_size
 from protocol import PoolMapReply
-from units import format_size
 
 CELLS_PER_LINE = 64
 

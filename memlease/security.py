@@ -23,8 +23,8 @@ import ssl
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from lease_store import open_state_file
-from units import parse_size
+from memlease.store import open_state_file
+from memlease.units import parse_size
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

@@ -17,14 +17,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import pytest
 
-import pool_picture
 import protocol
+from memlease import picture
 from memlease_client import MemLeaseClient
-from test_memlease import ServerProcess, server_process, server_thread
+from tests.helpers import ServerProcess, server_process, server_thread
 
-HERE = Path(__file__).resolve().parent
-SERVER = str(HERE / "memlease_server.py")
-CLIENT = str(HERE / "memlease_client.py")
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = str(ROOT / "memlease_server.py")
+CLIENT = str(ROOT / "memlease_client.py")
 TIMEOUT = 5.0
 NOT_FOUND = b"reason: lease %d does not exist: it expired, was released, or never was (-1)\n"
 USAGE_HINT = b" (see memlease_client.py --help)\n"
@@ -299,8 +299,8 @@ def test_7_options_anywhere_units_and_the_program_name(
 
     installed = tmp_path / "memlease-client"  # as pip installs the command
     installed.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom memlease_client import main\n"
-        "sys.exit(main())\n" % str(HERE)
+        "import sys\nsys.path.insert(0, %r)\nfrom memlease.cli import main\n"
+        "sys.exit(main())\n" % str(ROOT)
     )
     out = subprocess.run(
         [sys.executable, str(installed), "--help"], capture_output=True, timeout=30
@@ -442,10 +442,10 @@ def test_the_picture_shows_each_cell_by_how_much_of_it_is_used() -> None:
     used = [cell] * 64 + [cell // 2] * 32 + [cell // 10] * 16 + [cell * 9 // 10] * 16
     used += [0] * 128
     free = 256 * cell - sum(used)
-    picture = pool_picture.render(
+    drawn = picture.render(
         protocol.PoolMapReply(256 * cell, free, 64 * cell, 375, tuple(used), ((65536, 2),))
     )
-    assert picture.splitlines() == [
+    assert drawn.splitlines() == [
         "pool of 256 KiB in 256 cells of 1 KiB, 64 a line:",
         "      0 " + "█" * 64,
         " 64 KiB " + "▒" * 32 + "░" * 16 + "▓" * 16,
@@ -456,8 +456,8 @@ def test_the_picture_shows_each_cell_by_how_much_of_it_is_used() -> None:
         "fragmentation 37.5%: the largest free block is 64 KiB",
         "free blocks: 2 of 64 KiB",
     ]
-    ascii_only = pool_picture.render(
-        protocol.PoolMapReply(6, 3, 2, 0, (0, 1, 2), ((2, 1),)), pool_picture.ASCII
+    ascii_only = picture.render(
+        protocol.PoolMapReply(6, 3, 2, 0, (0, 1, 2), ((2, 1),)), picture.ASCII
     )
     assert ascii_only.splitlines()[1:3] == [
         "0 .+#",

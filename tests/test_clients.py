@@ -20,7 +20,14 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
-from memlease_async import AsyncMemLeaseClient
+from memlease.aio import AsyncMemLeaseClient
+from memlease.cluster import (
+    LeaseHandle,
+    MemLeaseCluster,
+    parse_handle,
+    parse_server,
+    parse_servers,
+)
 from memlease_client import (
     InvalidArgument,
     LeaseNotFound,
@@ -32,15 +39,8 @@ from memlease_client import (
     TooLarge,
     client_tls_context,
 )
-from memlease_cluster import (
-    LeaseHandle,
-    MemLeaseCluster,
-    parse_handle,
-    parse_server,
-    parse_servers,
-)
 
-SERVER = str(Path(__file__).resolve().parent / "memlease_server.py")
+SERVER = str(Path(__file__).resolve().parent.parent / "memlease_server.py")
 TIMEOUT = 5.0
 
 

@@ -22,19 +22,18 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import metrics
 import protocol
-import systemd
-from lease_server import MemLeaseServer
-from lease_store import LeaseStore
+from memlease import metrics, systemd
+from memlease.listener import MemLeaseServer
+from memlease.metrics import MetricsServer, render_service
+from memlease.store import LeaseStore
+from memlease.units import parse_size
 from memlease_client import LeaseNotFound, MemLeaseClient, OutOfMemory
 from memlease_server import build_parser
-from metrics import MetricsServer, render_service
-from test_memlease import SERVER, TIMEOUT, ServerProcess, directory_for_nobody, wait_for
-from units import parse_size
+from tests.helpers import SERVER, TIMEOUT, ServerProcess, directory_for_nobody, wait_for
 
-HERE = Path(__file__).resolve().parent
-CONTRIB = HERE / "contrib"
+ROOT = Path(__file__).resolve().parent.parent
+CONTRIB = ROOT / "contrib"
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 
 

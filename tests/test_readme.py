@@ -19,10 +19,10 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from memlease_client import MemLeaseClient
-from test_memlease import server_process
+from tests.helpers import server_process
 
-HERE = Path(__file__).resolve().parent
-README = (HERE / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 SKIP_MARK = "<!-- test_readme: skip"
 PORT_IN_EXAMPLES = re.compile(r"\b412\b")
 
@@ -53,7 +53,7 @@ def quick_start_session(text: str) -> List[Tuple[str, List[str]]]:
 
 def environment() -> Dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "MEMLEASE_TOKEN"}
-    env["PYTHONPATH"] = str(HERE)
+    env["PYTHONPATH"] = str(ROOT)
     return env
 
 
@@ -98,7 +98,7 @@ def test_quick_start_session_prints_what_the_readme_shows(port: int) -> None:
         assert words[:3] == ["python3", "memlease_client.py", "localhost"], command
         if words[3] == "412":
             del words[3]
-        argv = [sys.executable, str(HERE / "memlease_client.py"), "127.0.0.1", str(port)]
+        argv = [sys.executable, str(ROOT / "memlease_client.py"), "127.0.0.1", str(port)]
         argv += [lease_id if word == "123" else word for word in words[3:]]
         out = subprocess.run(argv, capture_output=True, timeout=30, env=environment())
         printed = out.stdout.decode().splitlines()
@@ -122,7 +122,7 @@ def test_the_map_in_the_readme_is_what_its_pattern_of_leases_draws() -> None:
         for lease_id in [middle] + small[::2]:
             client.release(lease_id)
         out = subprocess.run(
-            [sys.executable, str(HERE / "memlease_client.py"), "127.0.0.1", str(server.port)]
+            [sys.executable, str(ROOT / "memlease_client.py"), "127.0.0.1", str(server.port)]
             + ["map"],
             capture_output=True,
             timeout=30,

@@ -23,8 +23,8 @@ import pytest
 import trustme
 
 import protocol
-import security
-from lease_server import MemLeaseServer
+from memlease import security
+from memlease.listener import MemLeaseServer
 from memlease_client import (
     LeaseNotFound,
     MemLeaseClient,
@@ -33,7 +33,7 @@ from memlease_client import (
     Unauthorized,
     client_tls_context,
 )
-from test_memlease import (
+from tests.helpers import (
     SERVER,
     TIMEOUT,
     ServerProcess,

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import List
 
 import protocol
-from connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
-from event_loop import EventLoop
-from lease_server import MemLeaseServer
-from lease_store import LeaseStore
-from test_memlease import (
+from memlease.connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
+from memlease.listener import MemLeaseServer
+from memlease.loop import EventLoop
+from memlease.store import LeaseStore
+from tests.helpers import (
     TIMEOUT,
     client_for,
     closed_by_peer,

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import lease_store
+import memlease.store
 import protocol
 from buddy import Block, BuddyAllocator, FreeBlock, SplitBlock
-from lease_store import LeaseStore
+from memlease.store import LeaseStore, PoolMemory
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -137,7 +137,7 @@ def test_dropped_nodes_leave_no_cycles_for_the_collector():
 
 
 def test_growth_moves_the_tree_out_of_the_collectors_way_and_churn_does_not(monkeypatch):
-    monkeypatch.setattr(lease_store, "FREEZE_STEP", 200)
+    monkeypatch.setattr(memlease.store, "FREEZE_STEP", 200)
     store = LeaseStore(1 << 20)
     try:
         gc.collect()
@@ -705,7 +705,7 @@ def test_without_a_state_file_nothing_is_saved(tmp_path):
 
 
 def test_zeroing_gives_whole_pages_back_and_writes_the_ragged_ends():
-    memory = lease_store.PoolMemory(1 << 16)
+    memory = PoolMemory(1 << 16)
     try:
         memory.buffer[:] = b"\xff" * (1 << 16)
         memory.zero(100, 3 * 4096)
