@@ -455,6 +455,7 @@ class Connection:
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
         cells = min(max(message.cells, 1), MAX_MAP_CELLS)
+        self.store.reclaim_all()  # the map shows free blocks: ended leases' must be among them
         stats = self.store.stats()
         reply = protocol.PoolMapReply(
             stats["pool_bytes"],
