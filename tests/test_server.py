@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import protocol
 from memlease.connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
@@ -59,8 +59,10 @@ def decode_all(data: bytes) -> List[protocol.Message]:
 class Driven:
     """A Connection driven by hand, as the loop would drive it, output collected."""
 
-    def __init__(self, store: LeaseStore, **service: object) -> None:
-        self.conn = Connection(Service(store, **service), "test")  # type: ignore[arg-type]
+    def __init__(self, store: LeaseStore, shared: "Optional[Service]" = None, **service: object):
+        if shared is None:
+            shared = Service(store, **service)  # type: ignore[arg-type]
+        self.conn = Connection(shared, "test")
 
     def send(self, data: bytes) -> List[protocol.Message]:
         self.conn.receive(data)
@@ -213,6 +215,59 @@ def test_a_streamed_reply_shows_the_lease_before_a_later_write_on_its_connection
             protocol.DataSet(protocol.OK),
         ]
         assert client.get(lease_id) == b"B" * (1 << 16)
+
+
+def test_a_write_waits_until_another_connections_streamed_reply_has_gone():
+    store = LeaseStore(1 << 20)
+    try:
+        reader = Driven(store)
+        writer = Driven(store, reader.conn.service)  # one server's connections
+        (leased,) = writer.send(protocol.Lease(1 << 16, 5000).encode())
+        lease_id = leased.lease_id
+        assert writer.send(protocol.SetData(lease_id, b"A" * (1 << 16)).encode()) == [
+            protocol.DataSet(protocol.OK)
+        ]
+        reader.conn.receive(protocol.AccessData(lease_id).encode())  # queued, not yet sent
+        writes = protocol.SetData(lease_id, b"B" * (1 << 16)).encode()
+        writes += protocol.Write(lease_id, 0, b"C").encode() + protocol.Stats().encode()
+        assert writer.send(writes) == []  # all three wait, in order, behind the stream
+        assert not writer.conn.wants_input
+        assert reader.flush() == [protocol.Data(lease_id, b"A" * (1 << 16))]
+        replies = writer.flush()
+        assert replies[:2] == [protocol.DataSet(protocol.OK)] * 2
+        assert bytes(store.read(lease_id)[1]) == b"C" + b"B" * ((1 << 16) - 1)
+        assert writer.conn.wants_input and not writer.conn.service.waiting
+    finally:
+        store.close()
+
+
+def test_a_slow_streamed_get_is_all_old_and_the_rewrite_then_lands():
+    size = 16 << 20  # more than the kernel's buffers hold, so the race is real
+    with server_thread(32 << 20) as server, client_for(server) as client:
+        lease_id = client.lease(size, 60_000)
+        client.set(lease_id, b"A" * size)
+        with connect(server) as reader, connect(server) as writer:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            reader.sendall(protocol.AccessData(lease_id).encode())
+            head = b""
+            while len(head) < protocol.DATA_HEAD_SIZE:
+                head += reader.recv(protocol.DATA_HEAD_SIZE - len(head))
+            received = server.service.counters["bytes_received"]
+            rewrite = protocol.SetData(lease_id, b"B" * size).encode()
+            writer.sendall(rewrite)  # the whole rewrite reaches the server mid-stream
+            assert wait_for(
+                lambda: server.service.counters["bytes_received"] >= received + len(rewrite)
+            )
+            data = bytearray()
+            while len(data) < size:
+                chunk = reader.recv(1 << 20)
+                assert chunk
+                data += chunk
+            assert read_replies(writer, 1) == [protocol.DataSet(protocol.OK)]
+        assert head == protocol.data_head(lease_id, size)
+        assert data.count(b"A") == size  # bytes of one moment: all old
+        assert client.get(lease_id) == b"B" * size  # and the write landed
+        assert not server.service.waiting
 
 
 def test_the_server_is_one_thread_with_hundreds_of_connections():
