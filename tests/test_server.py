@@ -5,6 +5,8 @@ memory, a loop in a thread where it looks inside.  Connection state machines are
 also driven directly, without a socket, as the server's loop drives them.
 """
 
+import contextlib
+import gc
 import os
 import re
 import signal
@@ -430,6 +432,30 @@ def test_expiry_runs_in_slices_between_requests():
         assert wait_for(lambda: client.stats()["live_leases"] == 0)
         assert client.stats()["leases_expired"] == 5000
         assert server.loop.turns - turns >= 5000 // 256  # slices of at most 256 a turn
+
+
+def test_a_pool_of_just_ended_leases_serves_a_large_lease_at_once_and_counts_none():
+    pool = 8 << 20
+    ahead = [0.0]  # how far the store's clock runs ahead of the loop's
+    store = LeaseStore(pool, clock=lambda: time.monotonic() + ahead[0])
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.unfreeze)  # so many leases freeze the collector's objects
+        server = stack.enter_context(server_thread(store=store))
+        client = stack.enter_context(client_for(server))
+        for _ in range(pool // 32 // 16384):
+            with client.pipeline() as pipe:
+                for _ in range(16384):
+                    pipe.lease(32, 60_000)
+                assert min(pipe.execute()) > 0
+        assert client.stats()["free_bytes"] == 0
+        # Every lease ends now, for the store, and the reaper's timer is a minute away:
+        # the moment right after a deadline, before the reaper has caught up.
+        ahead[0] = 61.0
+        big = client.lease(1 << 20, 60_000)  # not OutOfMemory: ended leases are reclaimed
+        stats = client.stats()
+        assert big > 0 and stats["leases_refused"] == 0
+        assert stats["live_leases"] == 1 and stats["free_bytes"] == pool - (1 << 20)
+        assert 0 < stats["leases_reclaimed"] < pool // 32  # only what the lease needed
 
 
 def test_ten_thousand_connections_are_accepted_on_the_descriptor_limit():
