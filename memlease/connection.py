@@ -10,6 +10,9 @@ the protocol logic is here, so it can be driven and tested without a socket:
   read is sent straight from the pool (its block is pinned until then), not copied.
 - Past ``HIGH_WATER`` unsent bytes no more requests are answered and ``wants_input``
   turns false, so a client that does not read its replies cannot grow our memory.
+- A write to a lease whose bytes another connection is still sending from the pool waits,
+  in order, until they have gone (``wake`` tells the loop when it can go on), so every
+  reply shows the lease at one moment.
 """
 
 import collections
@@ -20,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import protocol
 from memlease import security
-from memlease.store import LeaseStore
+from memlease.store import LeaseStore, Pin
 
 log = logging.getLogger("memlease")
 
@@ -75,6 +78,8 @@ class Service:
         self.expiry_lag = 0.0  # seconds the last expiry pass ran after its time
         # Unfinished uploads may hold as much as the pool, and 64 MiB at least.
         self.staging = StagingBuffers(max(store.capacity, 64 << 20))
+        # lease id -> connections whose write waits until that lease's stream has gone
+        self.waiting: Dict[int, List[Connection]] = {}
         self._started = time.monotonic()
 
     def stats(self, tenant: Optional[int]) -> Dict[str, int]:
@@ -124,6 +129,23 @@ class Service:
     def warn(self, kind: str, peer: object, message: str, *args: object) -> None:
         """Log a warning, unless ``peer``'s host already had its share of this kind."""
         self.warnings.warning(kind, security.source_of(peer), message, *args)
+
+    def stream_sent(self, lease_id: int) -> None:
+        """A reply streamed from ``lease_id``'s block has gone: once none is left, the
+        writes waiting for it go on, in the order they came."""
+        waiters = self.waiting.get(lease_id)
+        if waiters is None or self.store.streaming(lease_id):
+            return
+        del self.waiting[lease_id]
+        for conn in waiters:
+            conn.stream_done()
+
+    def stop_waiting(self, lease_id: int, conn: "Connection") -> None:
+        waiters = self.waiting.get(lease_id, [])
+        if conn in waiters:
+            waiters.remove(conn)
+        if not waiters:
+            self.waiting.pop(lease_id, None)
 
 
 class StagingBuffers:
@@ -189,12 +211,15 @@ class Connection:
         self.answered = 0  # requests answered so far
         self.misses = 0  # of them, for lease ids that do not exist (or not this tenant's)
         self._decoder = protocol.request_decoder()
-        self._out: Deque[Tuple[Buffer, Optional[object]]] = collections.deque()
+        self._out: Deque[Tuple[Buffer, Optional[Pin]]] = collections.deque()
         self._small = bytearray()  # small replies, joined until they are sent
         self._upload: Optional[_Upload] = None
         self._paused = False  # requests wait in the decoder until the output drains
         self._views_queued = 0  # replies queued as views of the pool, not yet sent
         self._yielded = False  # requests wait in the decoder for the next turn
+        self._waiting_on: Optional[int] = None  # a write waits for this lease's stream
+        self._held: Any = None  # the small write that waits (a large one is self._upload)
+        self.wake: Callable[[], None] = _nothing  # the loop's: come back to this connection
 
     # Input.
 
@@ -203,6 +228,7 @@ class Connection:
         """Whether to read more: not while replies or whole requests are backed up."""
         return (
             not (self.closing or self.input_done or self._yielded or self._paused)
+            and self._waiting_on is None
             and self.output_size < HIGH_WATER
         )
 
@@ -244,7 +270,8 @@ class Connection:
         if self.input_done:
             return
         self.input_done = True
-        self._drop_upload()  # not whole: it will never be
+        if self._waiting_on is None:
+            self._drop_upload()  # not whole: it will never be (a whole one waits to land)
         self._process()
 
     # Output.
@@ -272,19 +299,23 @@ class Connection:
             n -= len(buffer)
             out.popleft()
             if pin is not None:
-                self.store.unpin(pin)
                 self._views_queued -= 1
+                self._let_go(pin)
         if self._paused and self.output_size < HIGH_WATER and not self._views_queued:
             self._process()
 
     def close(self) -> None:
         """Let go of everything held for this connection: pinned blocks, a partial write."""
         self.closing = True
+        if self._waiting_on is not None:
+            self.service.stop_waiting(self._waiting_on, self)
+            self._waiting_on = None
+        self._held = None
         self._drop_upload()
-        for _, pin in self._out:
-            if pin is not None:
-                self.store.unpin(pin)
+        pins = [pin for _, pin in self._out if pin is not None]
         self._out.clear()
+        for pin in pins:
+            self._let_go(pin)
         self._views_queued = 0
         self._small = bytearray()
         self.output_size = 0
@@ -301,6 +332,13 @@ class Connection:
         if self._yielded and not self._paused:
             self._process()
 
+    def stream_done(self) -> None:
+        """The stream this connection's write waited for has gone: land it, go on."""
+        self._waiting_on = None
+        if not self.closing:
+            self._process()
+        self.wake()
+
     def _process(self) -> None:
         next_message = self._decoder.next_message
         self._paused = self._yielded = False
@@ -314,6 +352,13 @@ class Connection:
             if self.answered >= budget_end:
                 self._yielded = True  # the loop calls resume() on its next turn
                 return
+            if self._waiting_on is not None:
+                return  # stream_done() goes on
+            held = self._held
+            if held is not None:
+                self._held = None
+                _ANSWERS[type(held)](self, held)
+                continue
             if self._upload is not None and not self._continue_upload():
                 return
             try:
@@ -378,7 +423,7 @@ class Connection:
         self._small += data
         self.output_size += len(data)
 
-    def _reply_view(self, view: memoryview, pin: object) -> None:
+    def _reply_view(self, view: memoryview, pin: Pin) -> None:
         """Queue ``view`` of the pool as it is; ``pin`` is let go once it is sent."""
         if self._small:
             self._out.append((self._small, None))
@@ -395,16 +440,40 @@ class Connection:
         self._finish(protocol.LEASE, message, protocol.Leased(lease_id), min(lease_id, 0))
 
     def _set(self, message: protocol.SetData) -> None:
+        if self._must_wait(message.lease_id):
+            self._held = message
+            return
         status = self._write_data(message.lease_id, 0, message.data, zero_rest=False)
         self._status(protocol.SET_DATA, message, status)
 
     def _replace(self, message: protocol.Replace) -> None:
+        if self._must_wait(message.lease_id):
+            self._held = message
+            return
         status = self._write_data(message.lease_id, 0, message.data, zero_rest=True)
         self._status(protocol.REPLACE, message, status)
 
     def _write(self, message: protocol.Write) -> None:
+        if self._must_wait(message.lease_id):
+            self._held = message
+            return
         status = self._write_data(message.lease_id, message.offset, message.data, zero_rest=False)
         self._status(protocol.WRITE, message, status)
+
+    def _must_wait(self, lease_id: int) -> bool:
+        """Whether a write to the lease must wait: its bytes are being sent from the pool
+        (to another connection: this one sends a stream before it reads on).  If so, the
+        connection waits, in order, until Service.stream_sent calls stream_done."""
+        if not self.store.streaming(lease_id):
+            return False
+        self._waiting_on = lease_id
+        self.service.waiting.setdefault(lease_id, []).append(self)
+        return True
+
+    def _let_go(self, pin: Pin) -> None:
+        """Unpin a streamed reply's block, and let the writes waiting for it go on."""
+        self.store.unpin(pin)
+        self.service.stream_sent(pin.lease_id)
 
     def _write_data(self, lease_id: int, offset: int, data: Buffer, zero_rest: bool) -> int:
         if len(data) > self.service.max_data:
@@ -455,6 +524,7 @@ class Connection:
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
         cells = min(max(message.cells, 1), MAX_MAP_CELLS)
+        self.store.reclaim_all()  # the map shows free blocks: ended leases' must be among them
         stats = self.store.stats()
         reply = protocol.PoolMapReply(
             stats["pool_bytes"],
@@ -547,6 +617,8 @@ class Connection:
         if self._decoder.payload_left:
             return False
         frame = upload.frame
+        if self._must_wait(frame.lease_id):
+            return False  # whole: it lands from here once the stream has gone
         status = self.store.write(
             frame.lease_id,
             frame.offset,
@@ -564,7 +636,11 @@ class Connection:
             self._upload = None
 
 
-def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[Buffer, Any]]:
+def _nothing() -> None:
+    """Nothing to wake: a connection driven by hand."""
+
+
+def _first(items: Deque[Tuple[Buffer, Optional[Pin]]], n: int) -> List[Tuple[Buffer, Any]]:
     out = []
     for item in items:
         out.append(item)

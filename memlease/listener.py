@@ -106,6 +106,7 @@ class Channel:
         self.closed = False
         self.resuming = False  # a resume() of the connection is due on the next turn
         self.timer: Timer = self.loop.call_later(server.idle_timeout, self._check_timeouts)
+        self.conn.wake = self._come_back
 
     def start(self) -> None:
         """Begin: the TLS handshake, or reading."""
@@ -201,11 +202,16 @@ class Channel:
         if self.reading and self.tls and _pending(self.sock):
             self.loop.call_soon(self.on_readable)  # decrypted bytes wait: no event will tell
         self._set_writing(bool(conn.output_size))
-        if conn.has_backlog and not self.resuming:
-            self.resuming = True
-            self.loop.call_soon(self._resume)
+        if conn.has_backlog:
+            self._come_back()
         if conn.closing and not conn.output_size and not self.lingering:
             self._finish()
+
+    def _come_back(self) -> None:
+        """Resume the connection and update the channel on the loop's next turn."""
+        if not (self.resuming or self.closed):
+            self.resuming = True
+            self.loop.call_soon(self._resume)
 
     def _resume(self) -> None:
         self.resuming = False

@@ -57,6 +57,12 @@ _PLAIN: Tuple[Tuple[str, str, str, str], ...] = (
     ("leases_granted_total", "counter", "Leases granted.", "leases_granted"),
     ("leases_refused_total", "counter", "Lease requests refused.", "leases_refused"),
     ("leases_expired_total", "counter", "Leases ended by their deadline.", "leases_expired"),
+    (
+        "leases_reclaimed_total",
+        "counter",
+        "Of the expired leases, those a lease request ended at once to get their memory.",
+        "leases_reclaimed",
+    ),
     ("leases_released_total", "counter", "Leases released by their holder.", "leases_released"),
     ("leases_renewed_total", "counter", "Leases renewed.", "leases_renewed"),
     ("received_bytes_total", "counter", "Bytes received from clients.", "bytes_received"),

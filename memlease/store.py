@@ -3,7 +3,9 @@
 It belongs to one thread, the event loop's, so it has no lock and no thread of its own:
 the loop asks ``next_deadline()`` when to wake and calls ``expire_due(limit)`` in slices
 between other work, and every access checks the lease's deadline itself, so a lease is
-never readable after its time even between slices.
+never readable after its time even between slices.  A lease request that finds no free
+block first reclaims due leases itself, and the figures count only the living, so an
+ended lease is never seen, nor its memory withheld, while the reaper catches up.
 
 A million small leases must stay cheap, so a lease is not an object: its fields live in
 parallel arrays (unboxed machine integers), kept in the order of a binary heap on the
@@ -29,7 +31,9 @@ import sys
 import time
 import zlib
 from array import array
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from collections import Counter
+from itertools import compress
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import protocol
 from buddy import BuddyAllocator
@@ -38,6 +42,7 @@ COUNTERS = (
     "leases_granted",
     "leases_refused",
     "leases_expired",
+    "leases_reclaimed",  # of the expired, those a lease request ended to get their memory
     "leases_released",
     "leases_renewed",
     "gets",
@@ -237,13 +242,14 @@ def _discard(path: str) -> None:
         pass
 
 
-class _Pin:
-    """A hold on a block while its bytes are being sent."""
+class Pin:
+    """A hold on a lease's block while its bytes are being sent."""
 
-    __slots__ = ("offset",)
+    __slots__ = ("offset", "lease_id")
 
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, lease_id: int) -> None:
         self.offset = offset
+        self.lease_id = lease_id
 
 
 class LeaseStore:
@@ -297,12 +303,15 @@ class LeaseStore:
         status = self._refusal(size, duration_ms, tenant, quota)
         offset = -1
         if status == protocol.OK:
-            offset = self.allocator.take(self.allocator.order_for(size))
+            order = self.allocator.order_for(size)
+            offset = self.allocator.take(order)
+            if offset < 0:
+                offset = self._reclaim_for(order)
         if offset < 0:
             self.counters["leases_refused"] += 1
             return status or protocol.NO_MEMORY
         lease_id = self._new_id()
-        self.memory.zero(offset, 1 << self.allocator.order_for(size))
+        self.memory.zero(offset, self._block(size))
         self._add(lease_id, tenant, size, offset, self._now() + duration_ms)
         self.counters["leases_granted"] += 1
         if self.allocator.split_blocks - self._gc_floor >= FREEZE_STEP:
@@ -356,7 +365,7 @@ class LeaseStore:
         start = self._offsets[pos] + offset
         return protocol.OK, self._view[start : start + length]
 
-    def pin(self, lease_id: int) -> object:
+    def pin(self, lease_id: int) -> Pin:
         """Keep the lease's block from being zeroed or reused until ``unpin(token)``.
 
         Call it right after a successful read, while the reply is still to be sent.
@@ -366,11 +375,18 @@ class LeaseStore:
             raise KeyError(lease_id)
         offset = self._offsets[pos]
         self._pins[offset] = self._pins.get(offset, 0) + 1
-        return _Pin(offset)
+        return Pin(offset, lease_id)
+
+    def streaming(self, lease_id: int) -> bool:
+        """Whether the live lease's bytes are pinned, being sent: a write must wait for them."""
+        if not self._pins:
+            return False
+        pos = self._position(lease_id)
+        return pos >= 0 and self._offsets[pos] in self._pins
 
     def unpin(self, token: object) -> None:
         """Drop a hold; a block whose lease ended meanwhile is zeroed and freed at the last."""
-        if not isinstance(token, _Pin) or token.offset < 0:
+        if not isinstance(token, Pin) or token.offset < 0:
             raise ValueError("not a live pin")
         offset = token.offset
         token.offset = -1
@@ -427,27 +443,104 @@ class LeaseStore:
         self.counters["leases_expired"] += done
         return done
 
+    def reclaim_all(self) -> int:
+        """Expire every lease whose deadline has passed, now; returns how many.
+
+        For a request that must show the free blocks as they are (the pool map): its cost
+        is the reaper's own work for those leases, done at once.
+        """
+        done = self.expire_due(len(self._ids))
+        self.counters["leases_reclaimed"] += done
+        return done
+
+    def _reclaim_for(self, order: int) -> int:
+        """Expire due leases from the heap's top until a block of ``order`` is free: its
+        offset, or -1 once no due lease is left.
+
+        A lease request does this before it is refused, so memory is back the moment a
+        lease ends; the work stops at the first block that fits.
+        """
+        now = self._now()
+        deadlines = self._deadlines
+        take = self.allocator.take
+        offset = -1
+        reclaimed = 0
+        while offset < 0 and deadlines and deadlines[0] <= now:
+            self._retire(0)
+            reclaimed += 1
+            offset = take(order)
+        self.counters["leases_expired"] += reclaimed
+        self.counters["leases_reclaimed"] += reclaimed
+        return offset
+
     # Figures.
 
     def stats(self, tenant: Optional[int] = None) -> Dict[str, int]:
-        free = self.allocator.free_bytes
+        """The pool's figures and the counters, counting only living leases."""
+        ended = self._ended()
+        ended_bytes = sum(self._block(size) * n for (_, size), n in ended.items())
+        # The free lists take an ended lease's block back when it is reclaimed: until
+        # then the largest block and fragmentation describe the lists as they are.
         largest = self.allocator.largest_free
         stats = {
             "pool_bytes": self.capacity,
-            "free_bytes": free,
+            "free_bytes": self.allocator.free_bytes + ended_bytes,
             "largest_free_block": largest,
-            "live_leases": len(self._ids),
+            "live_leases": len(self._ids) - sum(ended.values()),
             "metadata_bytes": self.metadata_bytes(),
-            "fragmentation": protocol.fragmentation(free, largest),
+            "fragmentation": protocol.fragmentation(self.allocator.free_bytes, largest),
         }
         stats.update(self.counters)
         if tenant is not None:
-            stats["tenant_bytes"], stats["tenant_leases"] = self.tenant_usage(tenant)
+            stats["tenant_bytes"], stats["tenant_leases"] = self._usage(tenant, ended)
         return stats
 
     def tenant_usage(self, tenant: int) -> Tuple[int, int]:
-        """The block bytes and the number of leases ``tenant`` holds."""
-        return self._tenant_bytes.get(tenant, 0), self._tenant_leases.get(tenant, 0)
+        """The block bytes and the number of living leases ``tenant`` holds."""
+        return self._usage(tenant, self._ended())
+
+    def _usage(self, tenant: int, ended: "Counter[Tuple[int, int]]") -> Tuple[int, int]:
+        blocks = self._tenant_bytes.get(tenant, 0)
+        leases = self._tenant_leases.get(tenant, 0)
+        for (owner, size), n in ended.items():
+            if owner == tenant:
+                blocks -= self._block(size) * n
+                leases -= n
+        return blocks, leases
+
+    def _block(self, size: int) -> int:
+        return 1 << self.allocator.order_for(size)
+
+    def _ended(self) -> "Counter[Tuple[int, int]]":
+        """(tenant, size) -> leases past their deadline that are still in the table.
+
+        They are the heap's top (a due lease's parent is due), so the scan goes down level
+        by level, only under the due leases of the level above, filtering each level in C:
+        about 100 ns a due lease, and nothing when none is due.
+        """
+        ended: Counter[Any] = Counter()
+        deadlines = self._deadlines
+        now = self._now()
+        if not deadlines or deadlines[0] > now:
+            return ended
+        due = now.__ge__
+        one_tenant = len(self._tenant_leases) == 1  # then sizes alone say it, at half the cost
+        start, end, count = 0, 1, len(deadlines)
+        while start < count:
+            mask = list(map(due, deadlines[start:end]))
+            if True not in mask:
+                break
+            keys: Iterable[Any] = self._sizes[start:end]
+            if not one_tenant:
+                keys = zip(self._tenants[start:end], keys)
+            ended.update(compress(keys, mask))
+            first = start + mask.index(True)
+            last = end - 1 - mask[::-1].index(True)
+            start, end = 2 * first + 1, 2 * last + 3
+        if one_tenant:
+            (tenant,) = self._tenant_leases
+            return Counter({(tenant, size): n for size, n in ended.items()})
+        return ended
 
     def free_blocks(self) -> Dict[int, int]:
         """Block size -> number of free blocks of that size."""
@@ -546,7 +639,7 @@ class LeaseStore:
             return protocol.INVALID
         if size > self.capacity:
             return protocol.TOO_LARGE
-        block = 1 << self.allocator.order_for(size)
+        block = self._block(size)
         if quota > 0 and self._tenant_bytes.get(tenant, 0) + block > quota:
             return protocol.NO_MEMORY
         return protocol.OK
@@ -731,7 +824,7 @@ class LeaseStore:
         for offset, size in self.allocator.free_runs():
             self.memory.zero(offset, size)  # no byte outside a lease survives
         for size, offset in zip(self._sizes, self._offsets):
-            block = 1 << self.allocator.order_for(size)
+            block = self._block(size)
             if block > size:
                 self.memory.zero(offset + size, block - size)
         return "restored %d leases from %s (%d more had expired while it was stopped)" % (

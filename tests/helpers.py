@@ -98,10 +98,15 @@ def server_process(
 
 @contextlib.contextmanager
 def server_thread(
-    pool: int = 1 << 20, host: str = "127.0.0.1", service: Optional[dict] = None, **options
+    pool: int = 1 << 20,
+    host: str = "127.0.0.1",
+    service: Optional[dict] = None,
+    store: Optional[LeaseStore] = None,
+    **options,
 ) -> Iterator[MemLeaseServer]:
     """A server on a loop in a thread; ``service`` holds the options of its Service."""
-    store = LeaseStore(pool)
+    if store is None:
+        store = LeaseStore(pool)
     if service is not None:
         options["service"] = Service(store, **service)
     server = MemLeaseServer((host, 0), store, **options)

@@ -352,6 +352,7 @@ def test_the_exposition_is_read_by_prometheus_with_every_figure() -> None:
             "leases_granted",
             "leases_refused",
             "leases_expired",
+            "leases_reclaimed",
             "leases_released",
             "leases_renewed",
             "bytes_received",
@@ -365,6 +366,7 @@ def test_the_exposition_is_read_by_prometheus_with_every_figure() -> None:
         0,
     )
     stats.update(pool_bytes=1 << 20, free_bytes=1 << 19, fragmentation=250, leases_refused=3)
+    stats.update(leases_expired=9, leases_reclaimed=7)
     requests = {("lease", protocol.OK): 5, ("lease", protocol.NO_MEMORY): 3, ("get", -1): 2}
     text = metrics.render(stats, requests, {4096: 2, 1 << 18: 1}, 0.125)
     found = samples(text)
@@ -372,6 +374,7 @@ def test_the_exposition_is_read_by_prometheus_with_every_figure() -> None:
     assert found["memlease_free_bytes", ()] == 1 << 19
     assert found["memlease_fragmentation_ratio", ()] == 0.25
     assert found["memlease_leases_refused_total", ()] == 3
+    assert found["memlease_leases_reclaimed_total", ()] == 7
     assert found["memlease_expiry_lag_seconds", ()] == 0.125
     assert found["memlease_free_blocks", (("size_bytes", "4096"),)] == 2
     assert requests_of(found, "lease", "ok") == 5
@@ -381,7 +384,7 @@ def test_the_exposition_is_read_by_prometheus_with_every_figure() -> None:
         assert family.documentation, family.name
         names = {sample.name for sample in family.samples}
         assert family.type == ("counter" if all(n.endswith("_total") for n in names) else "gauge")
-    assert len([line for line in text.splitlines() if line.startswith("# TYPE")]) == 21
+    assert len([line for line in text.splitlines() if line.startswith("# TYPE")]) == 22
 
 
 @contextlib.contextmanager

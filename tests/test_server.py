@@ -5,6 +5,8 @@ memory, a loop in a thread where it looks inside.  Connection state machines are
 also driven directly, without a socket, as the server's loop drives them.
 """
 
+import contextlib
+import gc
 import os
 import re
 import signal
@@ -13,7 +15,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import protocol
 from memlease.connection import HIGH_WATER, TURN_BUDGET, Connection, Service, StagingBuffers
@@ -59,8 +61,10 @@ def decode_all(data: bytes) -> List[protocol.Message]:
 class Driven:
     """A Connection driven by hand, as the loop would drive it, output collected."""
 
-    def __init__(self, store: LeaseStore, **service: object) -> None:
-        self.conn = Connection(Service(store, **service), "test")  # type: ignore[arg-type]
+    def __init__(self, store: LeaseStore, shared: "Optional[Service]" = None, **service: object):
+        if shared is None:
+            shared = Service(store, **service)  # type: ignore[arg-type]
+        self.conn = Connection(shared, "test")
 
     def send(self, data: bytes) -> List[protocol.Message]:
         self.conn.receive(data)
@@ -213,6 +217,59 @@ def test_a_streamed_reply_shows_the_lease_before_a_later_write_on_its_connection
             protocol.DataSet(protocol.OK),
         ]
         assert client.get(lease_id) == b"B" * (1 << 16)
+
+
+def test_a_write_waits_until_another_connections_streamed_reply_has_gone():
+    store = LeaseStore(1 << 20)
+    try:
+        reader = Driven(store)
+        writer = Driven(store, reader.conn.service)  # one server's connections
+        (leased,) = writer.send(protocol.Lease(1 << 16, 5000).encode())
+        lease_id = leased.lease_id
+        assert writer.send(protocol.SetData(lease_id, b"A" * (1 << 16)).encode()) == [
+            protocol.DataSet(protocol.OK)
+        ]
+        reader.conn.receive(protocol.AccessData(lease_id).encode())  # queued, not yet sent
+        writes = protocol.SetData(lease_id, b"B" * (1 << 16)).encode()
+        writes += protocol.Write(lease_id, 0, b"C").encode() + protocol.Stats().encode()
+        assert writer.send(writes) == []  # all three wait, in order, behind the stream
+        assert not writer.conn.wants_input
+        assert reader.flush() == [protocol.Data(lease_id, b"A" * (1 << 16))]
+        replies = writer.flush()
+        assert replies[:2] == [protocol.DataSet(protocol.OK)] * 2
+        assert bytes(store.read(lease_id)[1]) == b"C" + b"B" * ((1 << 16) - 1)
+        assert writer.conn.wants_input and not writer.conn.service.waiting
+    finally:
+        store.close()
+
+
+def test_a_slow_streamed_get_is_all_old_and_the_rewrite_then_lands():
+    size = 16 << 20  # more than the kernel's buffers hold, so the race is real
+    with server_thread(32 << 20) as server, client_for(server) as client:
+        lease_id = client.lease(size, 60_000)
+        client.set(lease_id, b"A" * size)
+        with connect(server) as reader, connect(server) as writer:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            reader.sendall(protocol.AccessData(lease_id).encode())
+            head = b""
+            while len(head) < protocol.DATA_HEAD_SIZE:
+                head += reader.recv(protocol.DATA_HEAD_SIZE - len(head))
+            received = server.service.counters["bytes_received"]
+            rewrite = protocol.SetData(lease_id, b"B" * size).encode()
+            writer.sendall(rewrite)  # the whole rewrite reaches the server mid-stream
+            assert wait_for(
+                lambda: server.service.counters["bytes_received"] >= received + len(rewrite)
+            )
+            data = bytearray()
+            while len(data) < size:
+                chunk = reader.recv(1 << 20)
+                assert chunk
+                data += chunk
+            assert read_replies(writer, 1) == [protocol.DataSet(protocol.OK)]
+        assert head == protocol.data_head(lease_id, size)
+        assert data.count(b"A") == size  # bytes of one moment: all old
+        assert client.get(lease_id) == b"B" * size  # and the write landed
+        assert not server.service.waiting
 
 
 def test_the_server_is_one_thread_with_hundreds_of_connections():
@@ -375,6 +432,30 @@ def test_expiry_runs_in_slices_between_requests():
         assert wait_for(lambda: client.stats()["live_leases"] == 0)
         assert client.stats()["leases_expired"] == 5000
         assert server.loop.turns - turns >= 5000 // 256  # slices of at most 256 a turn
+
+
+def test_a_pool_of_just_ended_leases_serves_a_large_lease_at_once_and_counts_none():
+    pool = 8 << 20
+    ahead = [0.0]  # how far the store's clock runs ahead of the loop's
+    store = LeaseStore(pool, clock=lambda: time.monotonic() + ahead[0])
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.unfreeze)  # so many leases freeze the collector's objects
+        server = stack.enter_context(server_thread(store=store))
+        client = stack.enter_context(client_for(server))
+        for _ in range(pool // 32 // 16384):
+            with client.pipeline() as pipe:
+                for _ in range(16384):
+                    pipe.lease(32, 60_000)
+                assert min(pipe.execute()) > 0
+        assert client.stats()["free_bytes"] == 0
+        # Every lease ends now, for the store, and the reaper's timer is a minute away:
+        # the moment right after a deadline, before the reaper has caught up.
+        ahead[0] = 61.0
+        big = client.lease(1 << 20, 60_000)  # not OutOfMemory: ended leases are reclaimed
+        stats = client.stats()
+        assert big > 0 and stats["leases_refused"] == 0
+        assert stats["live_leases"] == 1 and stats["free_bytes"] == pool - (1 << 20)
+        assert 0 < stats["leases_reclaimed"] < pool // 32  # only what the lease needed
 
 
 def test_ten_thousand_connections_are_accepted_on_the_descriptor_limit():

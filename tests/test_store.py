@@ -179,12 +179,12 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(size=st.integers(1, 3000), ms=st.integers(1, 50), tenant=st.integers(0, 2))
     def lease(self, size: int, ms: int, tenant: int) -> None:
         self.expire_model()
-        free_before = self.store.allocator.largest_free
         lease_id = self.store.lease(size, ms, tenant)
         if lease_id < 0:
             assert lease_id == protocol.NO_MEMORY
-            # Expired leases the store has not reaped yet may still hold their blocks.
-            assert free_before < size or self.store.stats()["live_leases"] > len(self.leases)
+            # Refused only once every ended lease has given its block back, and none fits.
+            assert self.store.allocator.largest_free < size
+            assert self.store.allocator.free_bytes == self.store.stats()["free_bytes"]
             return
         assert 0 < lease_id <= protocol.INT32_MAX and lease_id not in self.leases
         self.leases[lease_id] = (tenant, size, self.now_ms() + ms, bytearray(size))
@@ -253,18 +253,20 @@ class StoreMachine(RuleBasedStateMachine):
         for lease_id in self.gone[-5:]:
             if lease_id not in self.leases:
                 assert store.read(lease_id)[0] == protocol.NOT_FOUND
-        live = store.stats()["live_leases"]
-        assert live >= len(self.leases)
-        while store.expire_due(1000):
-            pass
         self.expire_model()
-        assert store.stats()["live_leases"] == len(self.leases)
+        live = store.stats()  # before any reaping: ended leases are not counted
+        assert live["live_leases"] == len(self.leases)
         used = sum(1 << store.allocator.order_for(s) for _, s, _, _ in self.leases.values())
-        assert store.allocator.free_bytes == store.capacity - used
+        assert live["free_bytes"] == store.capacity - used
         for tenant in range(3):
             mine = [s for t, s, _, _ in self.leases.values() if t == tenant]
             blocks = sum(1 << store.allocator.order_for(s) for s in mine)
             assert store.tenant_usage(tenant) == (blocks, len(mine))
+            assert store.stats(tenant)["tenant_bytes"] == blocks
+        while store.expire_due(1000):
+            pass
+        assert store.stats()["live_leases"] == len(self.leases)
+        assert store.allocator.free_bytes == store.capacity - used
         next_deadline = store.next_deadline()
         if self.leases:
             earliest = min(d for _, _, d, _ in self.leases.values())
@@ -360,6 +362,57 @@ def test_a_lease_past_its_deadline_is_gone_before_the_reaper_comes():
         assert store.write(lease_id, 0, b"x") == protocol.NOT_FOUND
         assert store.renew(lease_id, 1000) == protocol.NOT_FOUND
         assert store.expire_due(10) == 0
+    finally:
+        store.close()
+
+
+def test_a_lease_request_takes_back_the_memory_of_ended_leases_at_once():
+    clock = FakeClock()
+    store = LeaseStore(1 << 16, clock=clock)
+    try:
+        small = [store.lease(32, 100) for _ in range(2048)]
+        assert min(small) > 0 and store.lease(32, 100) == protocol.NO_MEMORY
+        clock.now += 0.1
+        assert store.stats()["live_leases"] == 0  # ended: not counted, though not reaped
+        assert store.stats()["free_bytes"] == 1 << 16
+        big = store.lease(1 << 15, 60_000)
+        assert big > 0
+        stats = store.stats()
+        reclaimed = stats["leases_reclaimed"]
+        assert 1024 <= reclaimed < 2048  # it stops at the first block that fits
+        assert stats["leases_expired"] == reclaimed  # reclaimed leases are expired ones
+        assert stats["live_leases"] == 1 and stats["leases_refused"] == 1
+        assert store.expire_due(4096) == 2048 - reclaimed
+        assert store.stats()["leases_expired"] == 2048
+    finally:
+        store.close()
+
+
+def test_a_lease_is_refused_only_when_no_ended_lease_is_left_to_take_back():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        forever = store.lease(1 << 11, 60_000)
+        ending = [store.lease(32, 10 + n) for n in range(64)]
+        assert forever > 0 and min(ending) > 0
+        clock.now += 0.030  # 21 of them have ended
+        assert store.lease(1 << 11, 60_000) == protocol.NO_MEMORY
+        stats = store.stats()
+        assert stats["leases_reclaimed"] == 21 and stats["live_leases"] == 1 + 64 - 21
+    finally:
+        store.close()
+
+
+def test_the_pool_map_reclaims_ended_leases_so_it_shows_only_the_living():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        store.lease(1 << 11, 60_000)
+        store.lease(1 << 11, 10)
+        clock.now += 0.010
+        assert store.reclaim_all() == 1 and store.reclaim_all() == 0
+        assert store.usage_by_cell(2) == [1 << 11, 0]
+        assert store.stats()["leases_reclaimed"] == 1
     finally:
         store.close()
 
