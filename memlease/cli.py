@@ -17,6 +17,7 @@ from typing import Any, List, NoReturn, Optional, TextIO, Union
 import protocol
 from memlease import picture
 from memlease.cluster import MemLeaseCluster, parse_server, parse_servers
+from memlease.program import program_name, version_line
 from memlease.units import format_size, parse_size
 from memlease_client import (
     DEFAULT_DURATION_MS,
@@ -71,6 +72,7 @@ Exit status: 0 done; 1 refused, not found or cannot connect; 2 usage error;
 130 interrupted."""
 
 CLI_NAME = "memlease-client"  # when the program's own name is unknown
+COMMANDS = ("lease", "set", "get", "renew", "release", "stats", "map")
 DEFAULT_MAP_CELLS = 256
 MAX_MAP_CELLS = 1 << 16
 _VALUE_OPTIONS = (
@@ -234,6 +236,7 @@ def build_parser(prog: str = CLI_NAME) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=version_line(prog))
     parser.add_argument("host", type=_host, help="host running the server, e.g. localhost")
     parser.add_argument("port", type=_port, help="the server's port (default %d)" % DEFAULT_PORT)
     _add_connection_options(parser, top=True)
@@ -314,10 +317,13 @@ def _in_order(argv: List[str]) -> List[str]:
             takes_value = not takes_value and word in _VALUE_OPTIONS
         else:
             words.append(word)
+    helping = "-h" in options or "--help" in options
     if not words:
-        if "-h" in options or "--help" in options:
+        if helping or "--version" in options:
             return options
         raise _UsageError("a host and a command are required")
+    if helping and words[0] in COMMANDS:  # `map --help`: the command's help needs no host
+        return ["localhost", str(DEFAULT_PORT), words[0], "--help"]
     if len(words) == 1 or not words[1].isdigit():
         words.insert(1, str(DEFAULT_PORT))
     return words[:3] + options + words[3:] + argv[cut:]
@@ -612,14 +618,9 @@ def _unauthorized() -> str:
     return "the server refused the token in MEMLEASE_TOKEN"
 
 
-def _program_name() -> str:
-    """What the user typed to run us, so that --help and errors speak of it."""
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else CLI_NAME
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: returns the exit status."""
-    prog = _program_name()
+    prog = program_name(CLI_NAME)
     try:
         return _main(prog, list(sys.argv[1:] if argv is None else argv))
     except _UsageError as exc:

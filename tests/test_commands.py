@@ -1,0 +1,104 @@
+"""Both commands as scripts run them: their names, versions and help, exit statuses,
+output for scripts (--json), durations with units and the client's --token-file.
+
+The installed commands are run through the wrapper pip writes for a console script
+(``from memlease_server import main; sys.exit(main())`` in a file named
+``memlease-server``), with the project on PYTHONPATH.
+"""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from memlease import __version__
+from tests.helpers import CLIENT, ROOT, SERVER
+
+ENTRY_POINTS = {"memlease-server": "memlease_server:main", "memlease-client": "memlease.cli:main"}
+
+
+def environment(**extra: str) -> Dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "MEMLEASE_TOKEN"}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Dict[str, str]:
+    """The console scripts ``pip install .`` makes, as files named like the commands."""
+    scripts = {}
+    for name, target in ENTRY_POINTS.items():
+        module, function = target.split(":")
+        path = tmp_path / name
+        path.write_text(
+            "#!%s\nimport sys\nfrom %s import %s\nsys.exit(%s())\n"
+            % (sys.executable, module, function, function)
+        )
+        path.chmod(0o755)
+        scripts[name] = str(path)
+    return scripts
+
+
+def run(argv: List[str], stdin: bytes = b"") -> "subprocess.CompletedProcess[bytes]":
+    return subprocess.run(argv, input=stdin, capture_output=True, timeout=60, env=environment())
+
+
+@contextlib.contextmanager
+def run_listener() -> Iterator[int]:
+    """A port something listens on, for the length of a with block."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_the_installed_server_says_its_own_name(installed: Dict[str, str]) -> None:
+    server = installed["memlease-server"]
+    out = run([server, "--help"])
+    assert out.returncode == 0
+    assert out.stdout.startswith(b"usage: memlease-server ")
+    assert b"sudo memlease-server 412 2048" in out.stdout
+    assert b"memlease_server" not in out.stdout
+    out = run([server, "412"])
+    assert out.returncode == 2
+    assert out.stderr.startswith(b"memlease-server: usage error: ")
+    assert out.stderr.endswith(b"(see memlease-server --help)\n")
+    with run_listener() as port:  # a port in use: the error after the parser's, same name
+        out = run([server, str(port), "1M", "--bind", "127.0.0.1"])
+    assert out.returncode == 1
+    assert out.stderr.startswith(b"memlease-server: cannot listen on 127.0.0.1 port %d" % port)
+
+
+def test_the_script_says_its_file_name() -> None:
+    out = run([sys.executable, SERVER, "--help"])
+    assert b"usage: memlease_server.py " in out.stdout
+    assert b"sudo python3 memlease_server.py 412 2048" in out.stdout
+
+
+def test_both_commands_print_the_projects_one_version(installed: Dict[str, str]) -> None:
+    for name, script in installed.items():
+        out = run([script, "--version"])
+        assert (out.returncode, out.stdout, out.stderr) == (
+            0,
+            ("%s %s\n" % (name, __version__)).encode(),
+            b"",
+        )
+    for script in (SERVER, CLIENT):
+        out = run([sys.executable, script, "--version"])
+        assert out.stdout == ("%s %s\n" % (os.path.basename(script), __version__)).encode()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "memlease.__version__" }' in pyproject
+
+
+def test_a_commands_help_needs_no_host() -> None:
+    out = run([sys.executable, CLIENT, "map", "--help"])
+    assert out.returncode == 0
+    assert out.stdout.startswith(b"usage: memlease_client.py host [port] map ")
+    assert b"--cells" in out.stdout
