@@ -75,6 +75,10 @@ class OutOfMemory(MemLeaseError):
     """The server has no free block large enough right now."""
 
 
+class QuotaExceeded(OutOfMemory):
+    """The lease would take the tenant over its quota (the pool itself may have room)."""
+
+
 class Unauthorized(MemLeaseError):
     """The server wants a valid token (MEMLEASE_TOKEN)."""
 
@@ -105,6 +109,7 @@ _ERRORS = {
     protocol.MALFORMED: MemLeaseProtocolError,
     protocol.FRAME_TOO_LARGE: MemLeaseProtocolError,
     protocol.BUSY: ServerBusy,
+    protocol.OVER_QUOTA: QuotaExceeded,
 }
 
 

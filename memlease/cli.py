@@ -31,6 +31,7 @@ from memlease_client import (
     MemLeaseProtocolError,
     OutOfMemory,
     OutOfRange,
+    QuotaExceeded,
     ServerBusy,
     TooLarge,
     Unauthorized,
@@ -529,6 +530,8 @@ def _refusal_reason(
     text = protocol.STATUS_TEXT.get(status, str(error)) if status is not None else str(error)
     if isinstance(error, LeaseNotFound):
         text = _NOT_FOUND_TEXT % args.lease_id
+    elif isinstance(error, QuotaExceeded):
+        text = _quota_refusal(client, args.size) or text
     elif args.command == "lease" and isinstance(error, (OutOfMemory, TooLarge)):
         text = _lease_refusal(client, args.size) or text
     elif args.command in ("set", "get") and isinstance(error, (TooLarge, OutOfRange)):
@@ -560,6 +563,20 @@ def _lease_refusal(client: Leases, size: int) -> Optional[str]:
     return "no free block can hold %s now; the largest free block is %s" % (
         format_size(size),
         format_size(largest),
+    )
+
+
+def _quota_refusal(client: Leases, size: int) -> Optional[str]:
+    """The quota, what the tenant holds and what it asked, from the server's stats."""
+    try:
+        stats = client.stats()
+    except MemLeaseError:
+        return None
+    mine = stats if isinstance(stats, dict) else stats.total
+    return "over your quota: the quota is %s, you hold %s and asked for %s" % (
+        format_size(mine.get("tenant_quota", 0)),
+        format_size(mine.get("tenant_bytes", 0)),
+        format_size(size),
     )
 
 

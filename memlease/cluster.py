@@ -40,6 +40,7 @@ from memlease_client import (
     MemLeaseConnectionError,
     MemLeaseError,
     OutOfMemory,
+    QuotaExceeded,
     TooLarge,
     address_text,
     get_call,
@@ -208,7 +209,9 @@ class MemLeaseCluster:
             return LeaseHandle(server.name, result)
         if refusal is None:
             raise MemLeaseConnectionError("no server is up: %s" % self._down_text())
-        raise OutOfMemory(
+        # Every server refused: by quota if the last did, so the caller is told the cause.
+        refused = QuotaExceeded if isinstance(refusal, QuotaExceeded) else OutOfMemory
+        raise refused(
             "no live server can hold a lease of %d bytes (last refusal: %s)" % (size, refusal),
             refusal.status,
         )

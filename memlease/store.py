@@ -548,7 +548,7 @@ class LeaseStore:
             return protocol.TOO_LARGE
         block = 1 << self.allocator.order_for(size)
         if quota > 0 and self._tenant_bytes.get(tenant, 0) + block > quota:
-            return protocol.NO_MEMORY
+            return protocol.OVER_QUOTA
         return protocol.OK
 
     def _write_status(self, pos: int, offset: int, length: int) -> int:
