@@ -69,8 +69,8 @@ examples:
   %(prog)s localhost map
 
 The port defaults to 412.  $MEMLEASE_TOKEN is presented when set.
-Exit status: 0 done; 1 refused, not found or cannot connect; 2 usage error;
-130 interrupted."""
+Exit status: 0 done; 1 refused, not found, cannot connect or a cluster's server down;
+2 usage error; 130 interrupted.  A pipe's reader that leaves (| head) changes nothing."""
 
 CLI_NAME = "memlease-client"  # when the program's own name is unknown
 COMMANDS = ("lease", "set", "get", "renew", "release", "stats", "map")
@@ -360,9 +360,19 @@ def _payload(args: argparse.Namespace) -> bytes:
     return data
 
 
+class _Reader:
+    """Whether the reader of our output has gone (``cmd | head -1``): then nothing more is
+    written, and the run ends with the command's own status, the same every time, whether
+    the reader left before or after the last write."""
+
+    gone = False
+
+
 def _emit(line: Union[str, bytes, bytearray, memoryview], end: bytes = b"\n") -> None:
     """Write a line to standard output now: bytes as they are, text escaped if need be.
     The end is written apart, so that a large value is not copied to append it."""
+    if _Reader.gone:
+        return
     stream = sys.stdout
     try:
         if stream is None:
@@ -370,6 +380,9 @@ def _emit(line: Union[str, bytes, bytearray, memoryview], end: bytes = b"\n") ->
         stream.buffer.write(_encode(line, stream.encoding) if isinstance(line, str) else line)
         stream.buffer.write(end)
         stream.buffer.flush()
+    except BrokenPipeError:
+        _Reader.gone = True
+        _silence(stream)
     except OSError as exc:
         raise _OutputFailed(exc) from None
 
@@ -439,21 +452,20 @@ def _lease_key(client: Leases, text: str) -> LeaseKey:
     return int(text)
 
 
-def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> None:
-    """The command, and its line in the seed's words."""
+def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> int:
+    """The command, and its line in the seed's words; the exit status."""
     command = args.command
     if command == "lease":
         lease_id = client.lease(args.size, args.duration)
         _emit(
             "You have leased %d bytes for %d MS with id %s" % (args.size, args.duration, lease_id)
         )
-        return
+        return 0
     if command == "stats":
-        _print_stats(client)
-        return
+        return _print_stats(client)
     if command == "map":
         _draw_map(client, args)
-        return
+        return 0
     key = _lease_key(client, args.lease_id)
     if command == "set":
         if args.truncate:
@@ -474,15 +486,22 @@ def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> None:
     else:
         client.release(key)
         _emit("Lease %s released" % args.lease_id)
+    return 0
 
 
-def _print_stats(client: Leases) -> None:
-    """``name value`` lines; for a cluster the sums, then ``server name value`` lines."""
+def _print_stats(client: Leases) -> int:
+    """``name value`` lines; for a cluster the sums, then ``server name value`` lines, and
+    ``server down reason`` lines: a server down makes the status 1, all down an error."""
     if isinstance(client, MemLeaseClient):
         for name, value in client.stats().items():
             _emit("%s %d" % (name, value))
-        return
+        return 0
     stats = client.stats()
+    if not stats.servers:
+        raise MemLeaseConnectionError(
+            "no server is up: "
+            + "; ".join("%s (%s)" % (server, why) for server, why in stats.down.items())
+        )
     for name, value in stats.total.items():
         _emit("%s %d" % (name, value))
     for server, counters in stats.servers.items():
@@ -490,6 +509,7 @@ def _print_stats(client: Leases) -> None:
             _emit("%s %s %d" % (server, name, value))
     for server, reason in stats.down.items():
         _emit("%s down %s" % (server, reason))
+    return 1 if stats.down else 0
 
 
 def _draw_map(client: Leases, args: argparse.Namespace) -> None:
@@ -638,6 +658,7 @@ def _unauthorized() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: returns the exit status."""
     prog = program_name(CLI_NAME)
+    _Reader.gone = False
     try:
         return _main(prog, list(sys.argv[1:] if argv is None else argv))
     except _UsageError as exc:
@@ -646,8 +667,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _OutputFailed as exc:
         _silence(sys.stdout)
         lost = exc.args[0]
-        if not isinstance(lost, BrokenPipeError):  # a reader that left wants no more
-            _complain("%s: cannot write the output: %s" % (prog, lost.strerror or lost))
+        _complain("%s: cannot write the output: %s" % (prog, lost.strerror or lost))
         return 1
     except KeyboardInterrupt:
         return 130
@@ -659,7 +679,7 @@ def _main(prog: str, argv: List[str]) -> int:
     payload = _payload(args) if args.command == "set" else b""
     client = _open(args)
     try:
-        _run(client, args, payload)
+        return _run(client, args, payload)
     except Unauthorized:
         _complain("%s: %s" % (prog, _unauthorized()))
         return 1
@@ -680,7 +700,6 @@ def _main(prog: str, argv: List[str]) -> int:
         return 1
     finally:
         client.close()
-    return 0
 
 
 def _refused(

@@ -17,7 +17,8 @@ from typing import Dict, Iterator, List
 import pytest
 
 from memlease import __version__
-from tests.helpers import CLIENT, ROOT, SERVER
+from memlease_client import MemLeaseClient
+from tests.helpers import CLIENT, ROOT, SERVER, server_process
 
 ENTRY_POINTS = {"memlease-server": "memlease_server:main", "memlease-client": "memlease.cli:main"}
 
@@ -102,3 +103,43 @@ def test_a_commands_help_needs_no_host() -> None:
     assert out.returncode == 0
     assert out.stdout.startswith(b"usage: memlease_client.py host [port] map ")
     assert b"--cells" in out.stdout
+
+
+# Exit statuses: every failure 1, and a reader that leaves changes nothing.
+
+
+def test_stats_of_a_cluster_exits_1_when_a_server_or_all_are_down() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        down = "127.0.0.1:%d" % closed.getsockname()[1]
+        out = run([sys.executable, CLIENT, "%s,localhost:%s" % (down, down.split(":")[1]), "stats"])
+        assert out.returncode == 1
+        assert out.stdout == b""
+        assert out.stderr.startswith(b"memlease_client.py: no server is up: " + down.encode())
+        assert out.stderr.count(b"\n") == 1
+        with server_process("1M", "-q") as server:
+            up = "127.0.0.1:%d" % server.port
+            out = run([sys.executable, CLIENT, "%s,%s" % (up, down), "stats"])
+    assert out.returncode == 1
+    lines = out.stdout.decode().splitlines()
+    assert "%s pool_bytes 1048576" % up in lines
+    assert [line for line in lines if " down " in line][0].startswith(down + " down ")
+
+
+def test_a_reader_that_leaves_ends_the_run_the_same_way_every_time() -> None:
+    with server_process("1M", "-q") as server:
+        pipeline = '"$@" | head -1 >/dev/null; exit "${PIPESTATUS[0]}"'
+        argv = ["bash", "-c", pipeline, "bash", sys.executable, CLIENT]
+        statuses = [
+            run(argv + ["127.0.0.1", str(server.port), "stats"]).returncode for _ in range(10)
+        ]
+        assert statuses == [0] * 10  # stats worked, whether head left early or late
+        with MemLeaseClient("127.0.0.1", server.port, timeout=5.0) as client:
+            lines = client.lease(512 << 10, 60000)  # 512 KiB of lines: head leaves mid-way
+            client.set(lines, b"line\n" * ((512 << 10) // 5))
+            gone = client.lease(16, 60000)
+            client.release(gone)
+        raw = argv + ["127.0.0.1", str(server.port), "get", str(lines), "--raw"]
+        assert [run(raw).returncode for _ in range(10)] == [0] * 10
+        missing = argv + ["127.0.0.1", str(server.port), "get", str(gone)]
+        assert run(missing).returncode == 1  # a failure is still one
