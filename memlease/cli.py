@@ -16,7 +16,13 @@ from typing import Any, List, NoReturn, Optional, TextIO, Union
 
 import protocol
 from memlease import picture
-from memlease.cluster import MemLeaseCluster, parse_server, parse_servers
+from memlease.cluster import (
+    MemLeaseCluster,
+    parse_handle,
+    parse_server,
+    parse_servers,
+    same_server,
+)
 from memlease.program import program_name, version_line
 from memlease.units import format_size, parse_size
 from memlease_client import (
@@ -36,6 +42,7 @@ from memlease_client import (
     TooLarge,
     Unauthorized,
     _ClosedBeforeReply,
+    address_text,
     client_tls_context,
 )
 
@@ -447,9 +454,16 @@ def _lease_key(client: Leases, text: str) -> LeaseKey:
     """The id as the client takes it: a number for one server, the handle for a cluster."""
     if not isinstance(client, MemLeaseClient):
         return text
-    if "/" in text:
-        raise _UsageError("%s names a cluster's server: give the cluster's host list" % text)
-    return int(text)
+    if "/" not in text:
+        return int(text)
+    try:
+        handle = parse_handle(text)
+    except InvalidArgument as exc:
+        raise _UsageError(str(exc)) from None
+    here = address_text(client.host, client.port)
+    if not same_server(handle.server, here):
+        raise _UsageError("%s names the server %s, not %s" % (text, handle.server, here))
+    return handle.lease_id
 
 
 def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> int:
