@@ -42,6 +42,7 @@ from memlease_client import (
     TooLarge,
     Unauthorized,
     _ClosedBeforeReply,
+    _NotTLS,
     address_text,
     client_tls_context,
 )
@@ -701,8 +702,7 @@ def _main(prog: str, argv: List[str]) -> int:
         if args.command == "set" and exc.status == protocol.FRAME_TOO_LARGE:
             _refused(client, args, payload, exc)
         else:
-            hint = " (is it a TLS port? try --tls)" if isinstance(exc, _ClosedBeforeReply) else ""
-            _complain("%s: %s%s" % (prog, exc, hint))
+            _complain("%s: %s%s" % (prog, exc, _port_hint(exc)))
         return 1
     except InvalidArgument as exc:
         if exc.status is not None:  # the server refused
@@ -714,6 +714,15 @@ def _main(prog: str, argv: List[str]) -> int:
         return 1
     finally:
         client.close()
+
+
+def _port_hint(error: MemLeaseError) -> str:
+    """A plain client at a TLS port, or a TLS client at a plain one, is told which."""
+    if isinstance(error, _ClosedBeforeReply):
+        return " (is it a TLS port? try --tls)"
+    if isinstance(error, _NotTLS):
+        return " (the server does not speak TLS on this port: try without --tls)"
+    return ""
 
 
 def _refused(

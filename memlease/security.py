@@ -424,9 +424,14 @@ def check_writable(account: Optional[pwd.struct_passwd], path: str) -> None:
     Checked as the account for a moment (effective ids; root's are restored); raises
     PermissionError.
     """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            "the directory %s, where the state is saved, does not exist: create it first"
+            % directory
+        )
     if account is None or not _switching(account):
         return
-    directory = os.path.dirname(os.path.abspath(path))
     os.setgroups([])  # dropped for good later anyway
     os.setegid(account.pw_gid)
     os.seteuid(account.pw_uid)

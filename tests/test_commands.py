@@ -143,3 +143,26 @@ def test_a_reader_that_leaves_ends_the_run_the_same_way_every_time() -> None:
         assert [run(raw).returncode for _ in range(10)] == [0] * 10
         missing = argv + ["127.0.0.1", str(server.port), "get", str(gone)]
         assert run(missing).returncode == 1  # a failure is still one
+
+
+# Errors that point the right way.
+
+
+def test_a_state_file_in_a_missing_directory_is_said_to_be_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nosuchdir"
+    out = run([sys.executable, SERVER, "0", "1M", "--state-file", str(missing / "pool")])
+    assert out.returncode == 2
+    assert out.stderr == (
+        b"memlease_server.py: usage error: the directory %s, where the state is saved, "
+        b"does not exist: create it first (see memlease_server.py --help)\n" % bytes(missing)
+    )
+
+
+def test_tls_against_a_plain_port_is_told_to_go_without() -> None:
+    with server_process("1M", "-q") as plain:
+        out = run([sys.executable, CLIENT, "127.0.0.1", str(plain.port), "stats", "--tls"])
+    assert out.returncode == 1
+    assert out.stderr.startswith(b"memlease_client.py: TLS handshake with 127.0.0.1:")
+    assert out.stderr.endswith(
+        b" (the server does not speak TLS on this port: try without --tls)\n"
+    )
