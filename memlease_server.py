@@ -217,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = "" if args.state_file is None else " in %s" % args.state_file
         return _fail(prog, "cannot reserve %d bytes%s: %s" % (args.max_memory, where, exc))
     if store.restore_note is not None:
-        log.warning("%s", store.restore_note)
+        log.log(logging.INFO if store.first_start else logging.WARNING, "%s", store.restore_note)
     try:
         server = MemLeaseServer(
             None if inherited else (args.bind, args.port),
@@ -283,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     if metrics is not None:
         log.info("metrics at %s", metrics.url)
+    if tls is not None:
+        log.info("TLS is on%s", ": client certificates are required" if args.tls_ca else "")
+    if tenants is not None:
+        log.info("%s", tenants.source)
     status = 0
     try:
         server.serve_forever()
@@ -294,6 +298,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         metrics.close()
     try:
         store.save()
+        if args.state_file is not None:
+            log.info("saved the lease table beside %s for the next start", args.state_file)
+        else:
+            log.info("not saved: without --state-file the leases end with the server")
     except OSError as exc:
         log.error("cannot save the lease table, so the next start will be empty: %s", exc)
         status = 1

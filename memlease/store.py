@@ -283,6 +283,7 @@ class LeaseStore:
         self._start_empty()
         self.memory: PoolMemory
         self.restore_note: Optional[str] = None
+        self.first_start = False  # a state file that did not exist: nothing to restore
         if state_file is None:
             self.memory = PoolMemory(self.capacity)
         else:
@@ -719,6 +720,9 @@ class LeaseStore:
         a later crash can never bring back leases that changed after it was written.
         """
         assert isinstance(self.memory, FilePoolMemory) and self._table_path is not None
+        if self.memory.found_size == 0 and not os.path.exists(self._table_path):
+            self.first_start = True
+            return "first start with %s: an empty pool" % state_file
         wall_now = int(self._wall_clock() * 1000)
         try:
             columns = self._read_table(self._table_path, self.memory.found_size, wall_now)

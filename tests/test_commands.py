@@ -18,7 +18,14 @@ import pytest
 
 from memlease import __version__
 from memlease_client import MemLeaseClient
-from tests.helpers import CLIENT, ROOT, SERVER, server_process
+from tests.helpers import (
+    CLIENT,
+    ROOT,
+    SERVER,
+    ServerProcess,
+    directory_for_nobody,
+    server_process,
+)
 
 ENTRY_POINTS = {"memlease-server": "memlease_server:main", "memlease-client": "memlease.cli:main"}
 
@@ -166,3 +173,51 @@ def test_tls_against_a_plain_port_is_told_to_go_without() -> None:
     assert out.stderr.endswith(
         b" (the server does not speak TLS on this port: try without --tls)\n"
     )
+
+
+# What the server's log says about how it runs, and docs that say what it does.
+
+
+def test_the_log_says_tls_the_token_file_a_first_start_and_the_save(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    tokens = tmp_path / "token"
+    tokens.write_text("correct horse battery staple\n")
+    with directory_for_nobody("memlease-state-") as state:
+        server = ServerProcess(
+            "0", "1M", "--bind", "127.0.0.1", "--tls-cert", str(cert), "--token-file",
+            str(tokens), "--state-file", str(state / "pool"),
+        )  # fmt: skip
+        try:
+            server.wait_listening()
+            server.proc.terminate()
+            assert server.proc.wait(10) == 0
+            log = server.output()
+        finally:
+            server.stop()
+    assert "INFO first start with %s: an empty pool" % (state / "pool") in log
+    assert "WARNING" not in log
+    assert "INFO TLS is on\n" in log
+    assert "INFO token file %s read as one token (a single line; " % tokens in log
+    assert "INFO saved the lease table beside %s for the next start" % (state / "pool") in log
+
+
+def test_a_server_stop_says_whether_the_leases_were_saved() -> None:
+    server = ServerProcess("0", "1M", "--bind", "127.0.0.1")
+    try:
+        server.wait_listening()
+        server.proc.terminate()
+        assert server.proc.wait(10) == 0
+        log = server.output()
+    finally:
+        server.stop()
+    assert "not saved: without --state-file the leases end with the server" in log
+
+
+def test_the_docs_name_what_the_programs_do() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert "poolmap" not in readme and "print usage" not in readme
+    assert "as always" not in operations
+    assert "`running as user nobody` log line comes before them" in readme
