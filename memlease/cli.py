@@ -24,7 +24,7 @@ from memlease.cluster import (
     same_server,
 )
 from memlease.program import program_name, version_line
-from memlease.units import format_size, parse_size
+from memlease.units import format_size, parse_duration_ms, parse_size
 from memlease_client import (
     DEFAULT_DURATION_MS,
     DEFAULT_PORT,
@@ -49,7 +49,8 @@ from memlease_client import (
 
 _EPILOG = """\
 commands:
-  lease SIZE [MS]      lease SIZE bytes (or 64K, 16M...) for MS milliseconds (default 5000)
+  lease SIZE [MS]      lease SIZE bytes (or 64K, 16M...) for MS milliseconds (default 5000;
+                       or with a unit: 500ms, 5s, 2m, 1h)
   set ID DATA          write the text DATA with a trailing NUL, as the C++ client does
                        (--no-nul: the text alone)
   set ID --file PATH   write the bytes of PATH ('-' reads standard input)
@@ -76,7 +77,8 @@ examples:
   tar c data | %(prog)s localhost set 123 --file - --truncate
   %(prog)s localhost map
 
-The port defaults to 412.  $MEMLEASE_TOKEN is presented when set.
+The port defaults to 412.  $MEMLEASE_TOKEN is presented when set (--token-file PATH:
+the first line of PATH).
 Exit status: 0 done; 1 refused, not found, cannot connect or a cluster's server down;
 2 usage error; 130 interrupted.  A pipe's reader that leaves (| head) changes nothing."""
 
@@ -84,8 +86,10 @@ CLI_NAME = "memlease-client"  # when the program's own name is unknown
 COMMANDS = ("lease", "set", "get", "renew", "release", "stats", "map")
 DEFAULT_MAP_CELLS = 256
 MAX_MAP_CELLS = 1 << 16
+TOKEN_LINE_LIMIT = 1 << 16  # bytes read of a token file's line: /dev/zero must not fill memory
 _VALUE_OPTIONS = (
     "--timeout",
+    "--token-file",
     "--tls-ca",
     "--tls-cert",
     "--tls-key",
@@ -145,7 +149,7 @@ def _lease_size(text: str) -> int:
 
 
 def _duration(text: str) -> int:
-    value = _number_arg(text, "milliseconds")
+    value = parse_duration_ms(text)
     if not 0 < value <= protocol.INT32_MAX:
         raise argparse.ArgumentTypeError(
             "a duration is 1 to %d milliseconds, not %r" % (protocol.INT32_MAX, text)
@@ -219,6 +223,12 @@ def _add_connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
         default=default(5.0),
         metavar="S",
         help=explain("seconds to wait for the server (default 5)"),
+    )
+    parser.add_argument(
+        "--token-file",
+        default=default(None),
+        metavar="PATH",
+        help=explain("present the token in this file (its first line; default $MEMLEASE_TOKEN)"),
     )
     parser.add_argument(
         "--tls", action="store_true", default=default(False), help=explain("connect with TLS")
@@ -441,14 +451,31 @@ LeaseKey = Any
 def _open(args: argparse.Namespace) -> Leases:
     """A client for the host, or for the cluster when the host lists several servers."""
     tls = _tls_from_args(args)
+    token = _token_from_file(args.token_file)
     try:
         if "," not in args.host:  # a port in the host (a:413, [::1]:413) beats the port word
             host, port = parse_server(args.host, args.port)
-            return MemLeaseClient(host, port, timeout=args.timeout, tls=tls)
+            return MemLeaseClient(host, port, timeout=args.timeout, token=token, tls=tls)
         servers = parse_servers(args.host, args.port)
-        return MemLeaseCluster(servers, timeout=args.timeout, tls=tls)
+        return MemLeaseCluster(servers, timeout=args.timeout, token=token, tls=tls)
     except InvalidArgument as exc:
         raise _UsageError(str(exc)) from None
+
+
+def _token_from_file(path: Optional[str]) -> Optional[bytes]:
+    """The token of ``--token-file``: its first line, without the line's end."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            token = file.readline(TOKEN_LINE_LIMIT).rstrip(b"\r\n")
+    except OSError as exc:
+        raise _UsageError(
+            "cannot read the token file %s: %s" % (path, exc.strerror or exc)
+        ) from None
+    if not token:
+        raise _UsageError("the token file %s holds no token" % path)
+    return token
 
 
 def _lease_key(client: Leases, text: str) -> LeaseKey:
@@ -663,8 +690,10 @@ def _lease_size_below(client: Leases, key: LeaseKey, limit: int) -> Optional[int
     return low or None
 
 
-def _unauthorized() -> str:
+def _unauthorized(token_file: Optional[str]) -> str:
     """A missing token and a wrong one need different fixes, so they are told apart."""
+    if token_file is not None:
+        return "the server refused the token in %s" % token_file
     if not os.environ.get("MEMLEASE_TOKEN"):
         return "the server wants a token: set MEMLEASE_TOKEN"
     return "the server refused the token in MEMLEASE_TOKEN"
@@ -696,7 +725,7 @@ def _main(prog: str, argv: List[str]) -> int:
     try:
         return _run(client, args, payload)
     except Unauthorized:
-        _complain("%s: %s" % (prog, _unauthorized()))
+        _complain("%s: %s" % (prog, _unauthorized(args.token_file)))
         return 1
     except (MemLeaseConnectionError, MemLeaseProtocolError, ServerBusy) as exc:
         if args.command == "set" and exc.status == protocol.FRAME_TOO_LARGE:

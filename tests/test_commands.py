@@ -221,3 +221,36 @@ def test_the_docs_name_what_the_programs_do() -> None:
     assert "poolmap" not in readme and "print usage" not in readme
     assert "as always" not in operations
     assert "`running as user nobody` log line comes before them" in readme
+
+
+# Durations with units, and the client's --token-file.
+
+
+def test_durations_take_units_and_a_bare_number_is_milliseconds() -> None:
+    with server_process("1M", "-q") as server:
+        where = ["127.0.0.1", str(server.port)]
+        for given, ms in (("500ms", 500), ("5s", 5000), ("2m", 120000), ("1h", 3600000)):
+            out = run([sys.executable, CLIENT, *where, "lease", "1K", given])
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.startswith(b"You have leased 1024 bytes for %d MS with id " % ms)
+        lease_id = out.stdout.split()[-1].decode()
+        out = run([sys.executable, CLIENT, *where, "renew", lease_id, "250"])
+        assert out.stdout == b"Lease %s renewed for 250 MS\n" % lease_id.encode()
+        out = run([sys.executable, CLIENT, *where, "lease", "1K", "5x"])
+    assert out.returncode == 2
+    assert b"'5x' is not a duration: use milliseconds, or a number with ms, s, m or h" in out.stderr
+
+
+def test_the_client_presents_the_token_of_its_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess\n")
+    env = dict(environment(), MEMLEASE_TOKEN="s3cret")
+    with server_process("1M", "-q", env=env) as server:
+        where = ["127.0.0.1", str(server.port)]
+        out = run([sys.executable, CLIENT, *where, "stats", "--token-file", str(token)])
+        assert out.returncode == 0 and b"live_leases 0\n" in out.stdout, out.stderr
+        out = run([sys.executable, CLIENT, *where, "--token-file", str(wrong), "stats"])
+    assert (out.returncode, out.stdout) == (1, b"")
+    assert out.stderr == b"memlease_client.py: the server refused the token in %s\n" % bytes(wrong)
