@@ -75,6 +75,10 @@ class OutOfMemory(MemLeaseError):
     """The server has no free block large enough right now."""
 
 
+class QuotaExceeded(OutOfMemory):
+    """The lease would take the tenant over its quota (the pool itself may have room)."""
+
+
 class Unauthorized(MemLeaseError):
     """The server wants a valid token (MEMLEASE_TOKEN)."""
 
@@ -95,6 +99,10 @@ class _ClosedBeforeReply(MemLeaseConnectionError):
     """A plain connection closed before its first reply: what a TLS port does to it."""
 
 
+class _NotTLS(MemLeaseConnectionError):
+    """A TLS handshake answered with bytes that are not TLS: a port without TLS."""
+
+
 _ERRORS = {
     protocol.NOT_FOUND: LeaseNotFound,
     protocol.TOO_LARGE: TooLarge,
@@ -105,6 +113,7 @@ _ERRORS = {
     protocol.MALFORMED: MemLeaseProtocolError,
     protocol.FRAME_TOO_LARGE: MemLeaseProtocolError,
     protocol.BUSY: ServerBusy,
+    protocol.OVER_QUOTA: QuotaExceeded,
 }
 
 
@@ -456,7 +465,8 @@ def connection_error(
         return MemLeaseConnectionError("%s did not answer within %ss" % (where, timeout))
     if isinstance(exc, ssl.SSLError):
         phase = "TLS handshake with" if connecting else "TLS with"
-        return MemLeaseConnectionError("%s %s failed: %s" % (phase, where, _reason(exc)))
+        error = _NotTLS if exc.reason == "WRONG_VERSION_NUMBER" else MemLeaseConnectionError
+        return error("%s %s failed: %s" % (phase, where, _reason(exc)))
     if isinstance(exc, ConnectionError) and unanswered_plain:
         return _ClosedBeforeReply(
             "connection to %s lost before any reply: %s" % (where, _reason(exc))

@@ -23,6 +23,7 @@ from memlease import security
 from memlease.connection import Service
 from memlease.listener import MemLeaseServer, install_signal_handlers
 from memlease.metrics import MetricsServer, render_service
+from memlease.program import how_to_run, program_name, version_line
 from memlease.store import TABLE_SUFFIX, LeaseStore
 from memlease.systemd import ActivationError, listen_fds
 from memlease.units import parse_size
@@ -32,6 +33,7 @@ __all__ = ["LeaseStore", "MemLeaseServer", "main", "parse_size"]
 log = logging.getLogger("memlease")
 
 MIN_BLOCK = 32
+SERVER_NAME = "memlease-server"  # when the program's own name is unknown
 
 
 def parse_port(text: str) -> int:
@@ -72,16 +74,18 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, "%s: usage error: %s (see %s --help)\n" % (self.prog, message, self.prog))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = SERVER_NAME) -> argparse.ArgumentParser:
+    run = how_to_run(prog)
     parser = _OneLineParser(
-        prog="memlease_server.py",
+        prog=prog,
         description="Lend chunks of this host's memory to clients for a duration.",
         epilog="examples:\n"
-        "  sudo python3 memlease_server.py 412 2048\n"
-        "  python3 memlease_server.py 4120 16M --bind 127.0.0.1 -q\n"
-        "  MEMLEASE_TOKEN=secret python3 memlease_server.py 4120 1G --bind ::\n",
+        "  sudo %s 412 2048\n"
+        "  %s 4120 16M --bind 127.0.0.1 -q\n"
+        "  MEMLEASE_TOKEN=secret %s 4120 1G --bind ::\n" % (run, run, run),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line(prog))
     parser.add_argument("port", type=parse_port, help="TCP port to listen on (0: any free port)")
     parser.add_argument(
         "max_memory", type=parse_size, help="pool size in bytes, or with K, M, G (powers of 1024)"
@@ -179,7 +183,8 @@ def parse_allow(text: str) -> security.AllowList:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    prog = program_name(SERVER_NAME)
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
@@ -205,19 +210,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         inherited = listen_fds()
     except ActivationError as exc:
-        print("memlease_server: %s" % exc, file=sys.stderr)
-        return 1
+        return _fail(prog, str(exc))
     try:
         store = LeaseStore(args.max_memory, state_file=args.state_file)
     except (OSError, ValueError, OverflowError) as exc:
         where = "" if args.state_file is None else " in %s" % args.state_file
-        print(
-            "memlease_server: cannot reserve %d bytes%s: %s" % (args.max_memory, where, exc),
-            file=sys.stderr,
-        )
-        return 1
+        return _fail(prog, "cannot reserve %d bytes%s: %s" % (args.max_memory, where, exc))
     if store.restore_note is not None:
-        log.warning("%s", store.restore_note)
+        log.log(logging.INFO if store.first_start else logging.WARNING, "%s", store.restore_note)
     try:
         server = MemLeaseServer(
             None if inherited else (args.bind, args.port),
@@ -239,19 +239,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = (
             " (ports below 1024 need root: use sudo or a higher port)" if args.port < 1024 else ""
         )
-        print(
-            "memlease_server: not permitted to listen on port %d%s" % (args.port, hint),
-            file=sys.stderr,
-        )
-        return 1
+        return _fail(prog, "not permitted to listen on port %d%s" % (args.port, hint))
     except OSError as exc:
         _keep_leases_and_close(store)
-        print(
-            "memlease_server: cannot listen on %s port %d: %s"
-            % (args.bind or "*", args.port, exc.strerror or exc),
-            file=sys.stderr,
+        return _fail(
+            prog,
+            "cannot listen on %s port %d: %s" % (args.bind or "*", args.port, exc.strerror or exc),
         )
-        return 1
     metrics = None
     if args.metrics is not None:
         try:
@@ -261,19 +255,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         except OSError as exc:
             store.save()
             server.close()
-            print(
-                "memlease_server: cannot serve metrics on %s port %d: %s"
+            return _fail(
+                prog,
+                "cannot serve metrics on %s port %d: %s"
                 % (args.metrics[0] or "*", args.metrics[1], exc.strerror or exc),
-                file=sys.stderr,
             )
-            return 1
     try:  # the sockets are bound and every file is read: root is no longer needed
         security.drop_privileges(account, _state_files(args.state_file), log)
     except OSError as exc:
-        print("memlease_server: cannot switch to user %s: %s" % (args.user, exc), file=sys.stderr)
         store.save()
         server.close()
-        return 1
+        return _fail(prog, "cannot switch to user %s: %s" % (args.user, exc))
     install_signal_handlers(server)
     if inherited:
         log.info(
@@ -291,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     if metrics is not None:
         log.info("metrics at %s", metrics.url)
+    if tls is not None:
+        log.info("TLS is on%s", ": client certificates are required" if args.tls_ca else "")
+    if tenants is not None:
+        log.info("%s", tenants.source)
     status = 0
     try:
         server.serve_forever()
@@ -302,11 +298,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         metrics.close()
     try:
         store.save()
+        if args.state_file is not None:
+            log.info("saved the lease table beside %s for the next start", args.state_file)
+        else:
+            log.info("not saved: without --state-file the leases end with the server")
     except OSError as exc:
         log.error("cannot save the lease table, so the next start will be empty: %s", exc)
         status = 1
     server.close()
     return status
+
+
+def _fail(prog: str, reason: str) -> int:
+    """A refusal to start: one line on standard error, named as the user ran us; status 1."""
+    print("%s: %s" % (prog, reason), file=sys.stderr)
+    return 1
 
 
 def _state_files(state_file: Optional[str]) -> List[str]:

@@ -64,6 +64,7 @@ UNKNOWN_TYPE = -6  # the server does not know this message type
 MALFORMED = -7  # the payload does not match its message's layout
 FRAME_TOO_LARGE = -8  # the length field is negative or above the server's limit
 BUSY = -9  # the server is at its connection limit, or its memory for uploads is lent out
+OVER_QUOTA = -11  # in Leased (and DataSet): the tenant's quota cannot take the lease
 NO_MEMORY = NOT_FOUND  # Leased only: the original's refusal, kept for its client
 
 NO_MEMORY_TEXT = "no free block large enough"  # what NO_MEMORY means in Leased
@@ -79,6 +80,7 @@ STATUS_TEXT = {
     MALFORMED: "malformed message",
     FRAME_TOO_LARGE: "frame length negative or over the server's limit",
     BUSY: "server busy: too many connections, or uploads under way",
+    OVER_QUOTA: "over the tenant's quota",
 }
 
 _I = struct.Struct("<i")

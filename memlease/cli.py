@@ -16,8 +16,15 @@ from typing import Any, List, NoReturn, Optional, TextIO, Union
 
 import protocol
 from memlease import picture
-from memlease.cluster import MemLeaseCluster, parse_server, parse_servers
-from memlease.units import format_size, parse_size
+from memlease.cluster import (
+    MemLeaseCluster,
+    parse_handle,
+    parse_server,
+    parse_servers,
+    same_server,
+)
+from memlease.program import program_name, version_line
+from memlease.units import format_size, parse_duration_ms, parse_size
 from memlease_client import (
     DEFAULT_DURATION_MS,
     DEFAULT_PORT,
@@ -30,16 +37,20 @@ from memlease_client import (
     MemLeaseProtocolError,
     OutOfMemory,
     OutOfRange,
+    QuotaExceeded,
     ServerBusy,
     TooLarge,
     Unauthorized,
     _ClosedBeforeReply,
+    _NotTLS,
+    address_text,
     client_tls_context,
 )
 
 _EPILOG = """\
 commands:
-  lease SIZE [MS]      lease SIZE bytes (or 64K, 16M...) for MS milliseconds (default 5000)
+  lease SIZE [MS]      lease SIZE bytes (or 64K, 16M...) for MS milliseconds (default 5000;
+                       or with a unit: 500ms, 5s, 2m, 1h)
   set ID DATA          write the text DATA with a trailing NUL, as the C++ client does
                        (--no-nul: the text alone)
   set ID --file PATH   write the bytes of PATH ('-' reads standard input)
@@ -66,15 +77,19 @@ examples:
   tar c data | %(prog)s localhost set 123 --file - --truncate
   %(prog)s localhost map
 
-The port defaults to 412.  $MEMLEASE_TOKEN is presented when set.
-Exit status: 0 done; 1 refused, not found or cannot connect; 2 usage error;
-130 interrupted."""
+The port defaults to 412.  $MEMLEASE_TOKEN is presented when set (--token-file PATH:
+the first line of PATH).
+Exit status: 0 done; 1 refused, not found, cannot connect or a cluster's server down;
+2 usage error; 130 interrupted.  A pipe's reader that leaves (| head) changes nothing."""
 
 CLI_NAME = "memlease-client"  # when the program's own name is unknown
+COMMANDS = ("lease", "set", "get", "renew", "release", "stats", "map")
 DEFAULT_MAP_CELLS = 256
 MAX_MAP_CELLS = 1 << 16
+TOKEN_LINE_LIMIT = 1 << 16  # bytes read of a token file's line: /dev/zero must not fill memory
 _VALUE_OPTIONS = (
     "--timeout",
+    "--token-file",
     "--tls-ca",
     "--tls-cert",
     "--tls-key",
@@ -134,7 +149,7 @@ def _lease_size(text: str) -> int:
 
 
 def _duration(text: str) -> int:
-    value = _number_arg(text, "milliseconds")
+    value = parse_duration_ms(text)
     if not 0 < value <= protocol.INT32_MAX:
         raise argparse.ArgumentTypeError(
             "a duration is 1 to %d milliseconds, not %r" % (protocol.INT32_MAX, text)
@@ -210,6 +225,12 @@ def _add_connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
         help=explain("seconds to wait for the server (default 5)"),
     )
     parser.add_argument(
+        "--token-file",
+        default=default(None),
+        metavar="PATH",
+        help=explain("present the token in this file (its first line; default $MEMLEASE_TOKEN)"),
+    )
+    parser.add_argument(
         "--tls", action="store_true", default=default(False), help=explain("connect with TLS")
     )
     for name, what in (
@@ -234,6 +255,7 @@ def build_parser(prog: str = CLI_NAME) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=version_line(prog))
     parser.add_argument("host", type=_host, help="host running the server, e.g. localhost")
     parser.add_argument("port", type=_port, help="the server's port (default %d)" % DEFAULT_PORT)
     _add_connection_options(parser, top=True)
@@ -314,10 +336,13 @@ def _in_order(argv: List[str]) -> List[str]:
             takes_value = not takes_value and word in _VALUE_OPTIONS
         else:
             words.append(word)
+    helping = "-h" in options or "--help" in options
     if not words:
-        if "-h" in options or "--help" in options:
+        if helping or "--version" in options:
             return options
         raise _UsageError("a host and a command are required")
+    if helping and words[0] in COMMANDS:  # `map --help`: the command's help needs no host
+        return ["localhost", str(DEFAULT_PORT), words[0], "--help"]
     if len(words) == 1 or not words[1].isdigit():
         words.insert(1, str(DEFAULT_PORT))
     return words[:3] + options + words[3:] + argv[cut:]
@@ -353,9 +378,19 @@ def _payload(args: argparse.Namespace) -> bytes:
     return data
 
 
+class _Reader:
+    """Whether the reader of our output has gone (``cmd | head -1``): then nothing more is
+    written, and the run ends with the command's own status, the same every time, whether
+    the reader left before or after the last write."""
+
+    gone = False
+
+
 def _emit(line: Union[str, bytes, bytearray, memoryview], end: bytes = b"\n") -> None:
     """Write a line to standard output now: bytes as they are, text escaped if need be.
     The end is written apart, so that a large value is not copied to append it."""
+    if _Reader.gone:
+        return
     stream = sys.stdout
     try:
         if stream is None:
@@ -363,6 +398,9 @@ def _emit(line: Union[str, bytes, bytearray, memoryview], end: bytes = b"\n") ->
         stream.buffer.write(_encode(line, stream.encoding) if isinstance(line, str) else line)
         stream.buffer.write(end)
         stream.buffer.flush()
+    except BrokenPipeError:
+        _Reader.gone = True
+        _silence(stream)
     except OSError as exc:
         raise _OutputFailed(exc) from None
 
@@ -413,40 +451,63 @@ LeaseKey = Any
 def _open(args: argparse.Namespace) -> Leases:
     """A client for the host, or for the cluster when the host lists several servers."""
     tls = _tls_from_args(args)
+    token = _token_from_file(args.token_file)
     try:
         if "," not in args.host:  # a port in the host (a:413, [::1]:413) beats the port word
             host, port = parse_server(args.host, args.port)
-            return MemLeaseClient(host, port, timeout=args.timeout, tls=tls)
+            return MemLeaseClient(host, port, timeout=args.timeout, token=token, tls=tls)
         servers = parse_servers(args.host, args.port)
-        return MemLeaseCluster(servers, timeout=args.timeout, tls=tls)
+        return MemLeaseCluster(servers, timeout=args.timeout, token=token, tls=tls)
     except InvalidArgument as exc:
         raise _UsageError(str(exc)) from None
+
+
+def _token_from_file(path: Optional[str]) -> Optional[bytes]:
+    """The token of ``--token-file``: its first line, without the line's end."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            token = file.readline(TOKEN_LINE_LIMIT).rstrip(b"\r\n")
+    except OSError as exc:
+        raise _UsageError(
+            "cannot read the token file %s: %s" % (path, exc.strerror or exc)
+        ) from None
+    if not token:
+        raise _UsageError("the token file %s holds no token" % path)
+    return token
 
 
 def _lease_key(client: Leases, text: str) -> LeaseKey:
     """The id as the client takes it: a number for one server, the handle for a cluster."""
     if not isinstance(client, MemLeaseClient):
         return text
-    if "/" in text:
-        raise _UsageError("%s names a cluster's server: give the cluster's host list" % text)
-    return int(text)
+    if "/" not in text:
+        return int(text)
+    try:
+        handle = parse_handle(text)
+    except InvalidArgument as exc:
+        raise _UsageError(str(exc)) from None
+    here = address_text(client.host, client.port)
+    if not same_server(handle.server, here):
+        raise _UsageError("%s names the server %s, not %s" % (text, handle.server, here))
+    return handle.lease_id
 
 
-def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> None:
-    """The command, and its line in the seed's words."""
+def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> int:
+    """The command, and its line in the seed's words; the exit status."""
     command = args.command
     if command == "lease":
         lease_id = client.lease(args.size, args.duration)
         _emit(
             "You have leased %d bytes for %d MS with id %s" % (args.size, args.duration, lease_id)
         )
-        return
+        return 0
     if command == "stats":
-        _print_stats(client)
-        return
+        return _print_stats(client)
     if command == "map":
         _draw_map(client, args)
-        return
+        return 0
     key = _lease_key(client, args.lease_id)
     if command == "set":
         if args.truncate:
@@ -467,15 +528,22 @@ def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> None:
     else:
         client.release(key)
         _emit("Lease %s released" % args.lease_id)
+    return 0
 
 
-def _print_stats(client: Leases) -> None:
-    """``name value`` lines; for a cluster the sums, then ``server name value`` lines."""
+def _print_stats(client: Leases) -> int:
+    """``name value`` lines; for a cluster the sums, then ``server name value`` lines, and
+    ``server down reason`` lines: a server down makes the status 1, all down an error."""
     if isinstance(client, MemLeaseClient):
         for name, value in client.stats().items():
             _emit("%s %d" % (name, value))
-        return
+        return 0
     stats = client.stats()
+    if not stats.servers:
+        raise MemLeaseConnectionError(
+            "no server is up: "
+            + "; ".join("%s (%s)" % (server, why) for server, why in stats.down.items())
+        )
     for name, value in stats.total.items():
         _emit("%s %d" % (name, value))
     for server, counters in stats.servers.items():
@@ -483,6 +551,7 @@ def _print_stats(client: Leases) -> None:
             _emit("%s %s %d" % (server, name, value))
     for server, reason in stats.down.items():
         _emit("%s down %s" % (server, reason))
+    return 1 if stats.down else 0
 
 
 def _draw_map(client: Leases, args: argparse.Namespace) -> None:
@@ -523,6 +592,8 @@ def _refusal_reason(
     text = protocol.STATUS_TEXT.get(status, str(error)) if status is not None else str(error)
     if isinstance(error, LeaseNotFound):
         text = _NOT_FOUND_TEXT % args.lease_id
+    elif isinstance(error, QuotaExceeded):
+        text = _quota_refusal(client, args.size) or text
     elif args.command == "lease" and isinstance(error, (OutOfMemory, TooLarge)):
         text = _lease_refusal(client, args.size) or text
     elif args.command in ("set", "get") and isinstance(error, (TooLarge, OutOfRange)):
@@ -554,6 +625,20 @@ def _lease_refusal(client: Leases, size: int) -> Optional[str]:
     return "no free block can hold %s now; the largest free block is %s" % (
         format_size(size),
         format_size(largest),
+    )
+
+
+def _quota_refusal(client: Leases, size: int) -> Optional[str]:
+    """The quota, what the tenant holds and what it asked, from the server's stats."""
+    try:
+        stats = client.stats()
+    except MemLeaseError:
+        return None
+    mine = stats if isinstance(stats, dict) else stats.total
+    return "over your quota: the quota is %s, you hold %s and asked for %s" % (
+        format_size(mine.get("tenant_quota", 0)),
+        format_size(mine.get("tenant_bytes", 0)),
+        format_size(size),
     )
 
 
@@ -605,21 +690,19 @@ def _lease_size_below(client: Leases, key: LeaseKey, limit: int) -> Optional[int
     return low or None
 
 
-def _unauthorized() -> str:
+def _unauthorized(token_file: Optional[str]) -> str:
     """A missing token and a wrong one need different fixes, so they are told apart."""
+    if token_file is not None:
+        return "the server refused the token in %s" % token_file
     if not os.environ.get("MEMLEASE_TOKEN"):
         return "the server wants a token: set MEMLEASE_TOKEN"
     return "the server refused the token in MEMLEASE_TOKEN"
 
 
-def _program_name() -> str:
-    """What the user typed to run us, so that --help and errors speak of it."""
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else CLI_NAME
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: returns the exit status."""
-    prog = _program_name()
+    prog = program_name(CLI_NAME)
+    _Reader.gone = False
     try:
         return _main(prog, list(sys.argv[1:] if argv is None else argv))
     except _UsageError as exc:
@@ -628,8 +711,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _OutputFailed as exc:
         _silence(sys.stdout)
         lost = exc.args[0]
-        if not isinstance(lost, BrokenPipeError):  # a reader that left wants no more
-            _complain("%s: cannot write the output: %s" % (prog, lost.strerror or lost))
+        _complain("%s: cannot write the output: %s" % (prog, lost.strerror or lost))
         return 1
     except KeyboardInterrupt:
         return 130
@@ -641,16 +723,15 @@ def _main(prog: str, argv: List[str]) -> int:
     payload = _payload(args) if args.command == "set" else b""
     client = _open(args)
     try:
-        _run(client, args, payload)
+        return _run(client, args, payload)
     except Unauthorized:
-        _complain("%s: %s" % (prog, _unauthorized()))
+        _complain("%s: %s" % (prog, _unauthorized(args.token_file)))
         return 1
     except (MemLeaseConnectionError, MemLeaseProtocolError, ServerBusy) as exc:
         if args.command == "set" and exc.status == protocol.FRAME_TOO_LARGE:
             _refused(client, args, payload, exc)
         else:
-            hint = " (is it a TLS port? try --tls)" if isinstance(exc, _ClosedBeforeReply) else ""
-            _complain("%s: %s%s" % (prog, exc, hint))
+            _complain("%s: %s%s" % (prog, exc, _port_hint(exc)))
         return 1
     except InvalidArgument as exc:
         if exc.status is not None:  # the server refused
@@ -662,7 +743,15 @@ def _main(prog: str, argv: List[str]) -> int:
         return 1
     finally:
         client.close()
-    return 0
+
+
+def _port_hint(error: MemLeaseError) -> str:
+    """A plain client at a TLS port, or a TLS client at a plain one, is told which."""
+    if isinstance(error, _ClosedBeforeReply):
+        return " (is it a TLS port? try --tls)"
+    if isinstance(error, _NotTLS):
+        return " (the server does not speak TLS on this port: try without --tls)"
+    return ""
 
 
 def _refused(

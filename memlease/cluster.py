@@ -12,13 +12,16 @@ go elsewhere and calls on its leases fail at once, then it is tried again.
 docs/scaling.md explains the choices.
 """
 
+import functools
 import random
+import socket
 import ssl
 import threading
 import time
 from typing import (
     Any,
     Dict,
+    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -40,6 +43,7 @@ from memlease_client import (
     MemLeaseConnectionError,
     MemLeaseError,
     OutOfMemory,
+    QuotaExceeded,
     TooLarge,
     address_text,
     get_call,
@@ -107,6 +111,25 @@ def parse_handle(text: str) -> LeaseHandle:
     if not slash or not id_text.isdigit() or not 0 < int(id_text) < 2**31:
         raise InvalidArgument("lease handle %r is not host:port/ID, e.g. a:412/123" % text)
     return LeaseHandle(address_text(*parse_server(server)), int(id_text))
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(server: str) -> FrozenSet[Tuple[str, int]]:
+    """The addresses a ``host:port`` name reaches; none if it does not resolve."""
+    host, port = parse_server(server)
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return frozenset()
+    return frozenset((str(info[4][0]), int(info[4][1])) for info in found)
+
+
+def same_server(one: str, other: str) -> bool:
+    """Whether two ``host:port`` names reach the same server: spelled alike, or resolving
+    to a shared address (``localhost:412`` and ``127.0.0.1:412``)."""
+    if one == other:
+        return True
+    return bool(_addresses(one) & _addresses(other))
 
 
 class ClusterStats(NamedTuple):
@@ -208,7 +231,9 @@ class MemLeaseCluster:
             return LeaseHandle(server.name, result)
         if refusal is None:
             raise MemLeaseConnectionError("no server is up: %s" % self._down_text())
-        raise OutOfMemory(
+        # Every server refused: by quota if the last did, so the caller is told the cause.
+        refused = QuotaExceeded if isinstance(refusal, QuotaExceeded) else OutOfMemory
+        raise refused(
             "no live server can hold a lease of %d bytes (last refusal: %s)" % (size, refusal),
             refusal.status,
         )
@@ -254,7 +279,9 @@ class MemLeaseCluster:
                 "a lease is named by a LeaseHandle or its text 'host:port/ID', not %s"
                 % type(handle).__name__
             )
-        server = self._servers.get(handle.server)
+        server = self._servers.get(handle.server) or next(
+            (s for name, s in self._servers.items() if same_server(name, handle.server)), None
+        )
         if server is None:
             raise InvalidArgument(
                 "lease %s is on %s, which is not one of this cluster's servers (%s)"

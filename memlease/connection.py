@@ -24,6 +24,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 import protocol
 from memlease import security
 from memlease.store import LeaseStore, Pin
+from memlease.units import format_size
 
 log = logging.getLogger("memlease")
 
@@ -85,6 +86,7 @@ class Service:
     def stats(self, tenant: Optional[int]) -> Dict[str, int]:
         """The counters a Stats request gets: the store's (the tenant's own use) and ours."""
         stats = self.store.stats(tenant)
+        stats["tenant_quota"] = 0 if tenant is None else self.quota(tenant)
         stats["connections"] = self.connections()
         stats.update(self.counters)
         stats["log_lines_suppressed"] = self.warnings.suppressed
@@ -106,6 +108,9 @@ class Service:
         if self.tenants is None:
             return 0
         return None if token is None else self.tenants.authenticate(token)
+
+    def tenant_name(self, tenant: int) -> str:
+        return "default" if self.tenants is None else self.tenants.name(tenant)
 
     def quota(self, tenant: int) -> int:
         """The most block bytes ``tenant`` may hold at once; 0 means no limit."""
@@ -434,10 +439,26 @@ class Connection:
 
     def _lease(self, message: protocol.Lease) -> None:
         tenant = self.tenant or 0
-        lease_id = self.store.lease(
-            message.size, message.duration_ms, tenant, self.service.quota(tenant)
+        quota = self.service.quota(tenant)
+        lease_id = self.store.lease(message.size, message.duration_ms, tenant, quota)
+        reply = protocol.Leased(lease_id)
+        if lease_id != protocol.OVER_QUOTA:
+            self._finish(protocol.LEASE, message, reply, min(lease_id, 0))
+            return
+        self._reply(reply.encode())  # logged with the figures the tenant needs
+        held = self.store.tenant_usage(tenant)[0]
+        self._account(
+            protocol.LEASE,
+            message,
+            lease_id,
+            "refused (over the quota of tenant %s: quota %s, held %s, asked %s)"
+            % (
+                self.service.tenant_name(tenant),
+                format_size(quota),
+                format_size(held),
+                format_size(message.size),
+            ),
         )
-        self._finish(protocol.LEASE, message, protocol.Leased(lease_id), min(lease_id, 0))
 
     def _set(self, message: protocol.SetData) -> None:
         if self._must_wait(message.lease_id):
@@ -679,7 +700,10 @@ def _span(name: str, lease_id: int, length: int, offset: int) -> str:
 
 
 def _describe(reply: object, status: int) -> str:
-    """The result of a request, in words for the log; a memoryview is data sent."""
+    """The result of a request, in words for the log; a memoryview is data sent, a str
+    the words already."""
+    if isinstance(reply, str):
+        return reply
     if isinstance(reply, protocol.Leased):
         if reply.lease_id > 0:
             return "id %d" % reply.lease_id

@@ -68,6 +68,8 @@ class Tenants:
                 raise ValueError("tenant %r has the token of another tenant" % name)
             digests.add(digest)
             self._tenants[number] = Tenant(name, number, max_bytes, digest)
+        self.one_token = False  # True: one token shared by all, not a file of tenants
+        self.source = ""  # how they were read, for the log: set by load_tenants
 
     @classmethod
     def parse(cls, text: str, source: str) -> "Tenants":
@@ -104,7 +106,9 @@ class Tenants:
     @classmethod
     def single(cls, token: bytes) -> "Tenants":
         """The one shared token of a server without a tenant file."""
-        return cls([("default", token, 0)])
+        tenants = cls([("default", token, 0)])
+        tenants.one_token = True
+        return tenants
 
     def authenticate(self, token: bytes) -> Optional[int]:
         """The number of the tenant whose token this is, or None.
@@ -155,7 +159,11 @@ def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenan
     """
     if path is None:
         token = environ.get("MEMLEASE_TOKEN", "")
-        return Tenants.single(token.encode()) if token else None
+        if not token:
+            return None
+        tenants = Tenants.single(token.encode())
+        tenants.source = "token: one, from $MEMLEASE_TOKEN"
+        return tenants
     with open(path, "rb") as file:
         data = file.read(TOKEN_FILE_LIMIT + 1)  # /dev/zero, say, must not fill the memory
     if len(data) > TOKEN_FILE_LIMIT:
@@ -164,7 +172,14 @@ def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenan
         text = data.decode()
     except UnicodeDecodeError:
         raise ValueError("the token file %s is not UTF-8 text" % path) from None
-    return Tenants.parse(text, "the token file %s" % path)
+    tenants = Tenants.parse(text, "the token file %s" % path)
+    tenants.source = "token file %s read as %s" % (
+        path,
+        "one token (a single line; a file of one tenant needs a comment line)"
+        if tenants.one_token
+        else "%d tenant%s" % (len(tenants), "" if len(tenants) == 1 else "s"),
+    )
+    return tenants
 
 
 # Sources and the allow list.
@@ -424,9 +439,14 @@ def check_writable(account: Optional[pwd.struct_passwd], path: str) -> None:
     Checked as the account for a moment (effective ids; root's are restored); raises
     PermissionError.
     """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            "the directory %s, where the state is saved, does not exist: create it first"
+            % directory
+        )
     if account is None or not _switching(account):
         return
-    directory = os.path.dirname(os.path.abspath(path))
     os.setgroups([])  # dropped for good later anyway
     os.setegid(account.pw_gid)
     os.seteuid(account.pw_uid)

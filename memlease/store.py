@@ -289,6 +289,7 @@ class LeaseStore:
         self._start_empty()
         self.memory: PoolMemory
         self.restore_note: Optional[str] = None
+        self.first_start = False  # a state file that did not exist: nothing to restore
         if state_file is None:
             self.memory = PoolMemory(self.capacity)
         else:
@@ -641,7 +642,7 @@ class LeaseStore:
             return protocol.TOO_LARGE
         block = self._block(size)
         if quota > 0 and self._tenant_bytes.get(tenant, 0) + block > quota:
-            return protocol.NO_MEMORY
+            return protocol.OVER_QUOTA
         return protocol.OK
 
     def _write_status(self, pos: int, offset: int, length: int) -> int:
@@ -812,6 +813,9 @@ class LeaseStore:
         a later crash can never bring back leases that changed after it was written.
         """
         assert isinstance(self.memory, FilePoolMemory) and self._table_path is not None
+        if self.memory.found_size == 0 and not os.path.exists(self._table_path):
+            self.first_start = True
+            return "first start with %s: an empty pool" % state_file
         wall_now = int(self._wall_clock() * 1000)
         try:
             columns = self._read_table(self._table_path, self.memory.found_size, wall_now)

@@ -10,6 +10,8 @@ import re
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NAMES = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h)?$", re.IGNORECASE)
+_MS_PER = {"": 1, "ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 def parse_size(text: str) -> int:
@@ -23,6 +25,17 @@ def parse_size(text: str) -> int:
             "%r is not a size: use bytes, or a number with K, M, G or T" % text
         )
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_duration_ms(text: str) -> int:
+    """Milliseconds from ``500ms``, ``5s``, ``2m`` or ``1h``; a bare number is milliseconds,
+    as the seed has it.  Raises argparse.ArgumentTypeError, to serve as an argparse type."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            "%r is not a duration: use milliseconds, or a number with ms, s, m or h" % text
+        )
+    return int(match.group(1)) * _MS_PER[(match.group(2) or "").lower()]
 
 
 def format_size(size: int) -> str:

@@ -143,7 +143,7 @@ def test_1_closed_streams_are_one_line_or_quiet(server: ServerProcess) -> None:
         out = cli("stats", port=server.port, stdout=write_end)
     finally:
         os.close(write_end)
-    assert (out.returncode, out.stderr) == (1, b"")
+    assert (out.returncode, out.stderr) == (0, b"")  # the command's status: stats worked
 
 
 # 2. The README's Python examples run: see test_readme.py, which runs every one of them.
@@ -364,6 +364,21 @@ def test_a_host_list_is_a_cluster_whose_ids_name_their_server() -> None:
             b"memlease_client.py: usage error: lease handle '123' is not host:port/ID, "
             b"e.g. a:412/123" + USAGE_HINT,
         )
+
+
+def test_a_handle_is_served_by_any_spelling_of_its_server(server: ServerProcess) -> None:
+    lease_id = lease(server, 64)
+    handle = "127.0.0.1:%d/%d" % (server.port, lease_id)
+    for host in ("127.0.0.1:%d" % server.port, "localhost:%d" % server.port):
+        out = cli("renew", handle, "60000", host=host)  # one server, named in the handle
+        assert outcome(out) == (0, b"Lease %s renewed for 60000 MS\n" % handle.encode(), b"")
+    with server_process("1M", "-q") as other:
+        hosts = "localhost:%d,127.0.0.1:%d" % (server.port, other.port)
+        out = cli("renew", handle, "60000", host=hosts)  # the list spells it localhost
+        assert outcome(out) == (0, b"Lease %s renewed for 60000 MS\n" % handle.encode(), b"")
+        out = cli("renew", "127.0.0.1:%d/%d" % (other.port, lease_id), "1", host="127.0.0.1")
+        assert out.returncode == 2
+        assert b"names the server 127.0.0.1:%d, not 127.0.0.1:412" % other.port in out.stderr
 
 
 def test_a_host_may_name_its_port_and_the_port_word_is_every_servers_default(

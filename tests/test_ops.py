@@ -114,7 +114,7 @@ def test_a_graceful_restart_keeps_the_leases_and_counts_the_downtime(state_dir: 
     state = str(state_dir / "pool")
     data = bytes(range(256)) * 4
     with running("1M", "--bind", "127.0.0.1", "--state-file", state) as first:
-        assert "clean start with an empty pool: no saved lease table" in first.output()
+        assert "INFO first start with " in first.output()
         with client(first) as c:
             kept = c.lease(len(data), 60000)
             c.set(kept, data)
@@ -198,7 +198,7 @@ def test_a_state_file_in_use_is_refused_in_one_line(state_dir: Path) -> None:
     with running("1M", "--bind", "127.0.0.1", "--state-file", state):
         out = refused_start(state)
     assert out.stderr.startswith(
-        b"memlease_server: cannot reserve 1048576 bytes in %s: " % (state.encode())
+        b"memlease_server.py: cannot reserve 1048576 bytes in %s: " % (state.encode())
     )
     assert b"another server is using the state file" in out.stderr
 
@@ -324,7 +324,7 @@ def test_a_descriptor_that_is_no_listening_socket_is_refused_in_one_line() -> No
         )
     assert out.returncode == 1, out
     assert out.stderr.count(b"\n") == 1
-    assert out.stderr.startswith(b"memlease_server: descriptor 3 from systemd: "), out.stderr
+    assert out.stderr.startswith(b"memlease_server.py: descriptor 3 from systemd: "), out.stderr
 
 
 def test_variables_meant_for_another_process_are_ignored_and_removed(
@@ -491,7 +491,7 @@ def test_the_command_line_serves_metrics_and_refuses_a_bad_address() -> None:
             timeout=30,
         )
         assert out.returncode == 1 and out.stderr.count(b"\n") == 1, out
-        assert out.stderr.startswith(b"memlease_server: cannot serve metrics on 127.0.0.1 port")
+        assert out.stderr.startswith(b"memlease_server.py: cannot serve metrics on 127.0.0.1 port")
     for bad in ("9412", "localhost:http", "[::1]:99999"):
         out = subprocess.run(
             [sys.executable, SERVER, "0", "1M", "--metrics", bad], capture_output=True, timeout=30

@@ -8,6 +8,7 @@ start's session is typed as shown, and must print what the README says it prints
 picture of the pool is drawn again from the leases the README says it shows.
 """
 
+import contextlib
 import os
 import re
 import shlex
@@ -19,7 +20,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from memlease_client import MemLeaseClient
-from tests.helpers import server_process
+from tests.helpers import ServerProcess, server_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -130,3 +131,46 @@ def test_the_map_in_the_readme_is_what_its_pattern_of_leases_draws() -> None:
         )
     assert (out.returncode, out.stderr) == (0, b"")
     assert out.stdout.decode("utf-8").splitlines() == shown_lines
+
+
+TEST_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/python -m pip install -q -r requirements-dev.txt"
+    " && .venv/bin/python -m pytest -q"
+)
+
+
+def test_the_readme_and_ci_run_one_test_command_in_a_venv() -> None:
+    """Debian's own python3 refuses pip installs outside a venv (PEP 668)."""
+    assert "\n    %s\n" % TEST_COMMAND in README
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert TEST_COMMAND in ci
+    ignored = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert ".venv/" in ignored
+
+
+@contextlib.contextmanager
+def something_on_port_412() -> Iterator[None]:
+    """The quick start's server on 127.0.0.1:412, as the README leaves it; if 412 is taken
+    already, whatever holds it serves the same purpose."""
+    server = ServerProcess("412", "2048", "--bind", "127.0.0.1", "-q")
+    try:
+        assert wait_for(lambda: server.proc.poll() is not None or "listening" in server.output())
+        if "not permitted" in server.output():
+            pytest.skip("port 412 needs root here")
+        yield
+    finally:
+        server.stop()
+
+
+def test_the_tests_of_the_default_port_pass_while_something_listens_on_412() -> None:
+    """The quick start leaves a server on 412: the tests that speak of that port pass anyway."""
+    with something_on_port_412():
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            + ["test_memlease.py::test_cli_port_defaults_to_412", "tests/test_readme.py"]
+            + ["-k", "not listens_on_412"],
+            cwd=str(ROOT),
+            capture_output=True,
+            timeout=240,
+        )
+    assert out.returncode == 0, out.stdout.decode(errors="replace")[-3000:]

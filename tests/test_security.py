@@ -30,6 +30,7 @@ from memlease_client import (
     MemLeaseClient,
     MemLeaseError,
     OutOfMemory,
+    QuotaExceeded,
     Unauthorized,
     client_tls_context,
 )
@@ -42,6 +43,7 @@ from tests.helpers import (
     exchange,
     read_replies,
     run_cli,
+    server_process,
     server_thread,
     wait_for,
 )
@@ -165,6 +167,29 @@ def test_a_tenant_quota_holds_and_frees_with_its_leases():
         alice.release(first)
         assert alice.lease(32 << 10, 60000) > 0
         assert alice.stats()["tenant_bytes"] == 64 << 10
+
+
+def test_a_lease_over_the_quota_is_said_to_be_the_quota_with_the_figures(tmp_path: Path):
+    tokens = tmp_path / "tenants"
+    tokens.write_text("alice a-secret 4K\nbob b-secret\n")
+    with server_process("1M", "--token-file", str(tokens)) as server:
+        env = dict(os.environ, MEMLEASE_TOKEN="a-secret")
+        with MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT, token="a-secret") as alice:
+            alice.lease(2048, 60000)
+            with pytest.raises(QuotaExceeded) as refused:  # an OutOfMemory, as before
+                alice.lease(4096, 60000)
+            assert refused.value.status == protocol.OVER_QUOTA == -11
+            assert isinstance(refused.value, OutOfMemory)
+        out = run_cli("lease", "4K", port=server.port, env=env)
+        log = server.output()
+    assert out.returncode == 1
+    assert out.stdout.decode().splitlines() == [
+        "Failed to create lease due to insufficient resources on the server.",
+        "reason: over your quota: the quota is 4 KiB, you hold 2 KiB and asked for 4 KiB (-11)",
+    ]
+    assert "lease 4096 bytes for 5000 ms -> refused (over the quota of tenant alice: " in log
+    assert "quota 4 KiB, held 2 KiB, asked 4 KiB)" in log
+    assert "no free block" not in log
 
 
 # Wrong tokens.

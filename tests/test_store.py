@@ -461,7 +461,7 @@ def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
         mine = store.lease(100, 60_000, tenant=7, quota=256)
         assert mine > 0
         assert store.lease(100, 60_000, tenant=7, quota=256) > 0
-        assert store.lease(1, 60_000, tenant=7, quota=256) == protocol.NO_MEMORY
+        assert store.lease(1, 60_000, tenant=7, quota=256) == protocol.OVER_QUOTA
         assert store.lease(1, 60_000, tenant=8, quota=256) > 0
         for other in (0, 8):
             assert store.read(mine, tenant=other)[0] == protocol.NOT_FOUND
