@@ -16,7 +16,7 @@ from typing import Any, List, NoReturn, Optional, TextIO, Union
 
 import protocol
 from memlease import picture
-from memlease.cluster import MemLeaseCluster, parse_server, parse_servers
+from memlease.cluster import MemLeaseCluster, parse_lease_id, parse_server, parse_servers
 from memlease.units import format_size, parse_size
 from memlease_client import (
     DEFAULT_DURATION_MS,
@@ -186,9 +186,9 @@ def _host(text: str) -> str:
 
 
 def _lease_ref(text: str) -> str:
-    """A lease id, or a cluster's server/id handle; checked against the host when run."""
-    number = text.rsplit("/", 1)[-1]
-    if not number.isdigit() or not 0 < int(number) <= protocol.INT32_MAX:
+    """A lease id (a UUID, or a short id's number), or a cluster's server/id handle;
+    checked against the host when run."""
+    if parse_lease_id(text.rsplit("/", 1)[-1]) is None:
         raise argparse.ArgumentTypeError("%r is not a lease id" % text)
     return text
 
@@ -429,7 +429,7 @@ def _lease_key(client: Leases, text: str) -> LeaseKey:
         return text
     if "/" in text:
         raise _UsageError("%s names a cluster's server: give the cluster's host list" % text)
-    return int(text)
+    return parse_lease_id(text)
 
 
 def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> None:

@@ -43,8 +43,11 @@ class Service:
         token: Optional[bytes] = None,
         tenants: Optional[security.Tenants] = None,
         allow: Optional[security.AllowList] = None,
+        short_ids: bool = True,
     ) -> None:
         self.store = store
+        # Whether the original's id-bearing messages are served (see --no-short-ids).
+        self.short_ids = short_ids
         self.max_data = max_data  # larger writes are read, dropped and answered TOO_LARGE
         # Who may connect: the tenants' tokens; with none, the peers in ``allow``.
         if tenants is None and token is not None:
@@ -362,7 +365,7 @@ class Connection:
         the answer in the log (None: the status says it all)."""
         self.answered += 1
         self.service.requests[msg_type, status] += 1
-        if status == protocol.NOT_FOUND and msg_type != protocol.LEASE:
+        if status == protocol.NOT_FOUND and _names_short_id(request):
             self.misses += 1
             if security.guessing(self.misses, self.answered):
                 self._close_guessing()
@@ -388,14 +391,46 @@ class Connection:
         self.output_size += len(view)
 
     def _lease(self, message: protocol.Lease) -> None:
+        if not self.service.short_ids:
+            self._refuse_short(message, protocol.Leased(protocol.SHORT_IDS_OFF))
+            return
         tenant = self.tenant or 0
-        lease_id = self.store.lease(
+        granted = self.store.lease(
+            message.size, message.duration_ms, tenant, self.service.quota(tenant), short_id=True
+        )
+        if isinstance(granted, int):
+            self._finish(protocol.LEASE, message, protocol.Leased(granted), granted)
+            return
+        reply = protocol.Leased(self.store.short_id(granted))
+        self._finish(protocol.LEASE, message, reply, protocol.OK)
+
+    def _grant(self, message: protocol.Grant) -> None:
+        tenant = self.tenant or 0
+        granted = self.store.lease(
             message.size, message.duration_ms, tenant, self.service.quota(tenant)
         )
-        self._finish(protocol.LEASE, message, protocol.Leased(lease_id), min(lease_id, 0))
+        if isinstance(granted, int):
+            self._status(protocol.GRANT, message, granted)
+            return
+        self._finish(protocol.GRANT, message, protocol.Granted(granted), protocol.OK)
+
+    def _refuse_short(self, request: Any, reply: protocol.Reply) -> None:
+        """Answer one of the original's id-bearing messages on a server without short ids."""
+        self.service.warn(
+            "short-ids",
+            self.peer,
+            "%s sent a C++ client's %s: refused, the server runs with --no-short-ids",
+            self.peer,
+            protocol.TYPE_NAMES[_type_of(request)],
+        )
+        self._finish(_type_of(request), request, reply, protocol.SHORT_IDS_OFF)
 
     def _set(self, message: protocol.SetData) -> None:
-        status = self._write_data(message.lease_id, 0, message.data, zero_rest=False)
+        if not self.service.short_ids:
+            self._refuse_short(message, protocol.DataSet(protocol.SHORT_IDS_OFF))
+            return
+        key = protocol.short_form(message.lease_id)
+        status = self._write_data(key, 0, message.data, zero_rest=False)
         self._status(protocol.SET_DATA, message, status)
 
     def _replace(self, message: protocol.Replace) -> None:
@@ -406,39 +441,50 @@ class Connection:
         status = self._write_data(message.lease_id, message.offset, message.data, zero_rest=False)
         self._status(protocol.WRITE, message, status)
 
-    def _write_data(self, lease_id: int, offset: int, data: Buffer, zero_rest: bool) -> int:
+    def _write_data(self, lease_id: bytes, offset: int, data: Buffer, zero_rest: bool) -> int:
         if len(data) > self.service.max_data:
             return protocol.TOO_LARGE
         return self.store.write(lease_id, offset, data, self.tenant or 0, zero_rest)
 
     def _access(self, message: protocol.AccessData) -> None:
-        status, view = self.store.read(message.lease_id, 0, -1, self.tenant or 0)
+        if message.lease_id == protocol.PROBE_ID:  # a client asks which server this is
+            reply = protocol.Data(protocol.PROBE_ID, protocol.PROBE_TEXT)
+            self._finish(protocol.ACCESS_DATA, message, reply, protocol.OK)
+            return
+        if not self.service.short_ids:
+            error = protocol.Error(protocol.SHORT_IDS_OFF, protocol.ACCESS_DATA)
+            self._refuse_short(message, error)
+            return
+        key = protocol.short_form(message.lease_id)
+        status, view = self.store.read(key, 0, -1, self.tenant or 0)
         if status != protocol.OK:  # the original answers an unknown lease with no data
             reply = protocol.Data(message.lease_id, b"")
             self._finish(protocol.ACCESS_DATA, message, reply, protocol.NOT_FOUND)
             return
-        self._send_data(protocol.ACCESS_DATA, message, message.lease_id, view)
+        self._send_data(protocol.ACCESS_DATA, message, message.lease_id, key, view)
 
     def _read(self, message: protocol.Read) -> None:
-        status, view = self.store.read(
-            message.lease_id, message.offset, message.length, self.tenant or 0
-        )
+        key = message.lease_id
+        status, view = self.store.read(key, message.offset, message.length, self.tenant or 0)
         if status != protocol.OK:
             self._status(protocol.READ, message, status)
             return
-        self._send_data(protocol.READ, message, message.lease_id, view)
+        self._send_data(protocol.READ, message, self.store.short_id(key), key, view)
 
-    def _send_data(self, msg_type: int, request: object, lease_id: int, view: memoryview) -> None:
-        """Answer with a Data reply: small data copied into the output, large data sent
-        from the pool, whose block stays pinned until then."""
+    def _send_data(
+        self, msg_type: int, request: object, reply_id: int, key: bytes, view: memoryview
+    ) -> None:
+        """Answer with a Data reply carrying ``reply_id``: small data copied into the
+        output, large data sent from the pool, whose block (the lease ``key``) stays
+        pinned until then."""
         length = len(view)
-        self._small += protocol.data_head(lease_id, length)
+        self._small += protocol.data_head(reply_id, length)
         self.output_size += protocol.DATA_HEAD_SIZE
         if length < protocol.STREAM_MIN:
             self._small += view
             self.output_size += length
         else:
-            self._reply_view(view, self.store.pin(lease_id))
+            self._reply_view(view, self.store.pin(key))
         self._account(msg_type, request, protocol.OK, view)
 
     def _renew(self, message: protocol.Renew) -> None:
@@ -520,11 +566,15 @@ class Connection:
     def _begin_upload(self, frame: protocol.DataFrame) -> None:
         """A large write's fixed fields are here: stage its data, or skip it and answer."""
         buffer = None
+        if isinstance(frame.lease_id, int) and not self.service.short_ids:
+            self._decoder.skip_payload()
+            self._refuse_short(frame, protocol.DataSet(protocol.SHORT_IDS_OFF))
+            return
         if frame.length > self.service.max_data:
             status = protocol.TOO_LARGE
         else:
             status = self.store.check_write(
-                frame.lease_id, frame.offset, frame.length, self.tenant or 0
+                _key(frame.lease_id), frame.offset, frame.length, self.tenant or 0
             )
         if status == protocol.OK:
             buffer = self.service.staging.take(frame.length)
@@ -548,7 +598,7 @@ class Connection:
             return False
         frame = upload.frame
         status = self.store.write(
-            frame.lease_id,
+            _key(frame.lease_id),
             frame.offset,
             upload.view,
             self.tenant or 0,
@@ -562,6 +612,20 @@ class Connection:
         if self._upload is not None:
             self.service.staging.give(self._upload.buffer)
             self._upload = None
+
+
+def _key(lease_id: Union[int, bytes]) -> bytes:
+    """The 16 bytes that name a lease, from a request's id of either size."""
+    return protocol.short_form(lease_id) if isinstance(lease_id, int) else lease_id
+
+
+def _names_short_id(request: object) -> bool:
+    """Whether a request names a lease by a short id, which can be guessed: a miss on a
+    version 4 UUID is somebody's lease that ended, never a guess that came close."""
+    lease_id = getattr(request, "lease_id", None)
+    if isinstance(lease_id, bytes):
+        return protocol.short_id_in(lease_id) is not None
+    return lease_id is not None
 
 
 def _first(items: Deque[Tuple[Buffer, Optional[object]]], n: int) -> List[Tuple[Buffer, Any]]:
@@ -583,8 +647,8 @@ def _type_of(request: Any) -> int:
 def _describe_request(msg_type: int, request: Any) -> str:
     """A request in words for the log: its command and what it asks."""
     name = protocol.TYPE_NAMES[msg_type]
-    if isinstance(request, protocol.Lease):
-        return "lease %d bytes for %d ms" % (request.size, request.duration_ms)
+    if isinstance(request, (protocol.Lease, protocol.Grant)):
+        return "%s %d bytes for %d ms" % (name, request.size, request.duration_ms)
     if isinstance(request, protocol.DataFrame):
         return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, (protocol.SetData, protocol.Replace, protocol.Write)):
@@ -592,18 +656,28 @@ def _describe_request(msg_type: int, request: Any) -> str:
     if isinstance(request, protocol.Read):
         return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, protocol.Renew):
-        return "%s %d for %d ms" % (name, request.lease_id, request.duration_ms)
+        return "%s %s for %d ms" % (name, _logged_id(request.lease_id), request.duration_ms)
     lease_id = getattr(request, "lease_id", None)
-    return name if lease_id is None else "%s %d" % (name, lease_id)
+    return name if lease_id is None else "%s %s" % (name, _logged_id(lease_id))
 
 
-def _span(name: str, lease_id: int, length: int, offset: int) -> str:
+def _span(name: str, lease_id: Union[int, bytes], length: int, offset: int) -> str:
     where = " at %d" % offset if offset else ""
-    return "%s %d (%d bytes%s)" % (name, lease_id, length, where)
+    amount = "to the end" if length < 0 else "%d bytes" % length  # a Read's -1
+    return "%s %s (%s%s)" % (name, _logged_id(lease_id), amount, where)
+
+
+def _logged_id(lease_id: Union[int, bytes]) -> str:
+    """An id as the log shows it: a UUID only by its first 8 digits, since whoever holds
+    the whole of it holds the lease, and logs are read by more people than leases are."""
+    text = protocol.id_text(lease_id)
+    return text if len(text) < 36 else text[:8] + "-..."
 
 
 def _describe(reply: object, status: int) -> str:
     """The result of a request, in words for the log; a memoryview is data sent."""
+    if isinstance(reply, protocol.Granted):
+        return "id %s" % _logged_id(reply.lease_id)
     if isinstance(reply, protocol.Leased):
         if reply.lease_id > 0:
             return "id %d" % reply.lease_id
@@ -614,8 +688,8 @@ def _describe(reply: object, status: int) -> str:
         if len(reply) >= protocol.STREAM_MIN:
             return "%d bytes, sent from the pool" % len(reply)
         return "%d bytes" % len(reply)
-    if isinstance(reply, protocol.Data):
-        return "not found"  # a Data reply with data is described by its view
+    if isinstance(reply, protocol.Data):  # a Data reply with lease data is described by its view
+        return "%d bytes" % len(reply.data) if reply.data else "not found"
     if isinstance(reply, protocol.StatsReply):
         return "%d counters" % len(reply.stats)
     if isinstance(reply, protocol.PoolMapReply):
@@ -636,4 +710,5 @@ _ANSWERS: Dict[type, Callable[[Connection, Any], None]] = {
     protocol.PoolMap: Connection._pool_map,
     protocol.Auth: Connection._auth,
     protocol.DataFrame: Connection._begin_upload,
+    protocol.Grant: Connection._grant,
 }

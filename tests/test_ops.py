@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -412,7 +413,7 @@ def test_counters_move_with_traffic() -> None:
             c.set(lease_id, b"x" * 1000)
             assert c.get(lease_id) == b"x" * 1000
             with pytest.raises(LeaseNotFound):
-                c.get(lease_id ^ 1)
+                c.get(uuid.UUID(int=lease_id.int ^ 1))
             with pytest.raises(OutOfMemory):
                 c.lease(1 << 20, 60000)  # the pool is split now: no block that large
             during = scrape(endpoint.address)
@@ -427,9 +428,15 @@ def test_counters_move_with_traffic() -> None:
         ("memlease_free_bytes", -1024),
     ):
         assert after[name, ()] - before[name, ()] == moved, name
-    for command, status in (("lease", "ok"), ("set", "ok"), ("get", "ok"), ("get", "not_found")):
+    for command, status in (
+        ("get", "ok"),  # the probe the client sends with its first lease
+        ("grant", "ok"),
+        ("write", "ok"),
+        ("read", "ok"),
+        ("read", "not_found"),
+    ):
         assert requests_of(after, command, status) == 1, (command, status)
-    assert requests_of(after, "lease", "no_memory") == 1
+    assert requests_of(after, "grant", "no_memory") == 1
     assert after["memlease_received_bytes_total", ()] > 1000  # the set carried 1000 bytes
     assert after["memlease_sent_bytes_total", ()] > 1000  # and the get brought them back
 

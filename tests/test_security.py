@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import ContextManager, Iterator, List, Optional, Tuple
 
@@ -36,6 +37,7 @@ from memlease_client import (
 from tests.helpers import (
     SERVER,
     TIMEOUT,
+    UUID_PATTERN,
     ServerProcess,
     closed_by_peer,
     directory_for_nobody,
@@ -152,7 +154,7 @@ def test_two_tenants_never_see_each_others_leases():
         assert (alice.stats()["tenant_leases"], bob.stats()["tenant_leases"]) == (1, 0)
         # An id nobody holds is answered exactly as another tenant's lease is.
         with pytest.raises(LeaseNotFound):
-            bob.get(1 if lease_id != 1 else 2)
+            bob.get(uuid.uuid4())
 
 
 def test_a_tenant_quota_holds_and_frees_with_its_leases():
@@ -161,9 +163,9 @@ def test_a_tenant_quota_holds_and_frees_with_its_leases():
         alice.lease(32 << 10, 60000)
         with pytest.raises(OutOfMemory):
             alice.lease(32, 60000)
-        assert bob.lease(128 << 10, 60000) > 0  # bob has no quota; alice's is hers
+        assert bob.lease(128 << 10, 60000).version == 4  # bob has no quota; alice's is hers
         alice.release(first)
-        assert alice.lease(32 << 10, 60000) > 0
+        assert alice.lease(32 << 10, 60000).version == 4
         assert alice.stats()["tenant_bytes"] == 64 << 10
 
 
@@ -324,7 +326,7 @@ def test_without_a_token_a_peer_outside_allow_is_refused_and_told_why(caplog):
 def test_with_a_token_protected_mode_is_off():
     allow = security.AllowList.parse("10.0.0.0/8")
     with serving(token=b"t", allow=allow) as server, client(server, token="t") as c:
-        assert c.lease(32) > 0
+        assert c.lease(32).version == 4
 
 
 @pytest.mark.parametrize(
@@ -402,7 +404,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tls_files):
             client(server, tls=client_tls_context(tls_files["ca"])).stats()
         mutual = client_tls_context(tls_files["ca"], tls_files["client"])
         with client(server, tls=mutual) as c:
-            assert c.lease(32) > 0
+            assert c.lease(32).version == 4
 
 
 def test_a_silent_tls_client_stalls_nobody(tls_files):
@@ -413,7 +415,7 @@ def test_a_silent_tls_client_stalls_nobody(tls_files):
         half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, no more
         try:
             with client(server, tls=client_tls_context(tls_files["ca"])) as c:
-                assert c.lease(32) > 0
+                assert c.lease(32).version == 4
             assert wait_for(lambda: len(server.channels) == 4)  # the others still wait
         finally:
             for sock in [*silent, half]:
@@ -524,7 +526,7 @@ def test_started_as_root_the_server_serves_the_seed_session_as_nobody(nobodys_di
         assert ids["Groups"] == []  # root's supplementary groups are gone
         out = run_cli("lease", "1024", "5000", port=server.port)
         assert out.returncode == 0, out
-        lease_id = re.search(rb"with id (\d+)", out.stdout).group(1).decode()  # type: ignore[union-attr]
+        lease_id = re.search(rb"with id (%s)" % UUID_PATTERN, out.stdout).group(1).decode()  # type: ignore[union-attr]
         assert run_cli("set", lease_id, "this is some text", port=server.port).returncode == 0
         out = run_cli("get", lease_id, port=server.port)
         assert out.stdout == b"Data get for lease %s: this is some text\n" % lease_id.encode()

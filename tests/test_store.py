@@ -6,6 +6,7 @@ The store is driven with a fake clock, so every expiry is exact and nothing is t
 import gc
 import os
 import struct
+import uuid
 import zlib
 from typing import Dict, Iterator, List, Tuple
 
@@ -181,12 +182,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.expire_model()
         free_before = self.store.allocator.largest_free
         lease_id = self.store.lease(size, ms, tenant)
-        if lease_id < 0:
+        if isinstance(lease_id, int):
             assert lease_id == protocol.NO_MEMORY
             # Expired leases the store has not reaped yet may still hold their blocks.
             assert free_before < size or self.store.stats()["live_leases"] > len(self.leases)
             return
-        assert 0 < lease_id <= protocol.INT32_MAX and lease_id not in self.leases
+        assert uuid.UUID(bytes=lease_id).version == 4 and lease_id not in self.leases
         self.leases[lease_id] = (tenant, size, self.now_ms() + ms, bytearray(size))
 
     @precondition(lambda self: self.leases)
@@ -334,7 +335,7 @@ def test_fifty_thousand_expiries_at_once_are_reaped_in_slices():
     store = LeaseStore(50_000 * 32, clock=clock)
     try:
         ids = [store.lease(32, 500) for _ in range(50_000)]
-        assert min(ids) > 0
+        assert len(set(ids)) == 50_000 and all(isinstance(lease_id, bytes) for lease_id in ids)
         clock.now += 0.5
         calls = []
         while True:
@@ -373,11 +374,11 @@ def test_refusals_carry_the_protocol_status():
         assert store.lease(0, 100) == protocol.INVALID
         assert store.lease(10, 0) == protocol.INVALID
         assert store.lease(4096, 100) == protocol.TOO_LARGE
-        assert store.lease(2048, 100) > 0
+        assert isinstance(store.lease(2048, 100), bytes)
         assert store.lease(2048, 100) == protocol.NO_MEMORY
         assert store.stats()["leases_refused"] == 4
-        assert store.renew(12345, 100) == protocol.NOT_FOUND
-        assert store.release(-5) == protocol.NOT_FOUND
+        assert store.renew(uuid.uuid4().bytes, 100) == protocol.NOT_FOUND
+        assert store.release(protocol.short_form(5)) == protocol.NOT_FOUND
     finally:
         store.close()
 
@@ -406,10 +407,10 @@ def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
     store = LeaseStore(1 << 12)
     try:
         mine = store.lease(100, 60_000, tenant=7, quota=256)
-        assert mine > 0
-        assert store.lease(100, 60_000, tenant=7, quota=256) > 0
+        assert isinstance(mine, bytes)
+        assert isinstance(store.lease(100, 60_000, tenant=7, quota=256), bytes)
         assert store.lease(1, 60_000, tenant=7, quota=256) == protocol.NO_MEMORY
-        assert store.lease(1, 60_000, tenant=8, quota=256) > 0
+        assert isinstance(store.lease(1, 60_000, tenant=8, quota=256), bytes)
         for other in (0, 8):
             assert store.read(mine, tenant=other)[0] == protocol.NOT_FOUND
             assert store.write(mine, 0, b"x", tenant=other) == protocol.NOT_FOUND
@@ -420,7 +421,8 @@ def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
         assert stats["tenant_bytes"] == 256 and stats["tenant_leases"] == 2
         assert store.release(mine, tenant=7) == protocol.OK
         assert store.tenant_usage(7) == (128, 1)
-        assert store.lease(1, 60_000, tenant=70_000) > 0  # a wide tenant number widens its column
+        wide = store.lease(1, 60_000, tenant=70_000)  # a wide tenant number widens its column
+        assert isinstance(wide, bytes)
         assert store.tenant_usage(70_000) == (32, 1)
     finally:
         store.close()
@@ -463,7 +465,7 @@ def test_a_pinned_block_is_kept_until_the_last_unpin():
         with pytest.raises(ValueError):
             store.unpin(pins[1])
         third = store.lease(32, 60_000)
-        assert third > 0 and bytes(store.read(third)[1]) == bytes(32)
+        assert isinstance(third, bytes) and bytes(store.read(third)[1]) == bytes(32)
     finally:
         store.close()
 
@@ -579,7 +581,7 @@ def test_a_saved_pool_comes_back_with_its_ids_bytes_and_less_time(state):
         assert again.memory.buffer.find(b"released") == -1
         assert again.stats()["free_bytes"] == again.capacity - 128
         fresh = again.lease(100, 1000)
-        assert fresh > 0 and fresh != kept
+        assert isinstance(fresh, bytes) and fresh != kept
     finally:
         again.close()
 
@@ -594,11 +596,12 @@ def _saved(state: str, leases: int = 2) -> None:
     store.close()
 
 
-def _table(version: int = 1, pool: int = 1 << 16, saved_at: int = 1_700_000_000_000, leases=()):
+def _table(version: int = 2, pool: int = 1 << 16, saved_at: int = 1_700_000_000_000, leases=()):
     """A lease table in the saved format, for cases a real store never writes."""
     count = len(leases)
-    body = struct.pack("<8sIQIqQ", b"MLEASES\n", version, pool, 32, saved_at, count)
-    for column, code in enumerate("iqqqq"):
+    key = bytes(16)
+    body = struct.pack("<8sIQIqQ16sQ", b"MLEASES\n", version, pool, 32, saved_at, count, key, 0)
+    for column, code in enumerate("QQqqqqq"):
         body += struct.pack("<%d%s" % (count, code), *(lease[column] for lease in leases))
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -628,7 +631,14 @@ def _no_table(path: str) -> None:
     os.unlink(path)
 
 
-OVERLAP = _table(leases=[(5, 0, 100, 0, 1_700_000_100_000), (6, 0, 32, 64, 1_700_000_100_000)])
+UUID_A = struct.unpack(">QQ", uuid.uuid4().bytes)
+UUID_B = struct.unpack(">QQ", uuid.uuid4().bytes)
+OVERLAP = _table(
+    leases=[
+        (*UUID_A, 0, 0, 100, 0, 1_700_000_100_000),
+        (*UUID_B, 0, 0, 32, 64, 1_700_000_100_000),
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -636,7 +646,7 @@ OVERLAP = _table(leases=[(5, 0, 100, 0, 1_700_000_100_000), (6, 0, 32, 64, 1_700
     [
         (_no_table, 1 << 16, 0, "did not stop cleanly"),
         (None, 1 << 17, 0, "the pool changed"),
-        (_replace(_table(version=2)), 1 << 16, 0, "version 2"),
+        (_replace(_table(version=1)), 1 << 16, 0, "version 1, this server reads version 2"),
         (_truncate, 1 << 16, 0, "not one"),
         (_corrupt, 1 << 16, 0, "checksum"),
         (None, 1 << 16, -5.0, "clock went backwards"),
