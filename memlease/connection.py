@@ -54,7 +54,7 @@ class Service:
             tenants = security.Tenants.single(token)
         self.tenants = tenants
         self.allow = allow or security.AllowList.parse(security.LOOPBACK)
-        self.auth_failures = security.RateLimiter(security.AUTH_FAILURES_PER_MINUTE)
+        self.wrong_tokens = security.Backoff()
         self.guessers = security.RateLimiter(security.GUESSING_CLOSES_PER_MINUTE)
         self.warnings = security.LogLimiter(log)
         self.log_requests = log.isEnabledFor(logging.INFO)
@@ -67,7 +67,7 @@ class Service:
                 "bytes_received",
                 "bytes_sent",
                 "auth_failures",
-                "auth_refused_unchecked",  # over the source's limit: the token was not compared
+                "auth_answers_delayed",  # wrong tokens answered late: the source kept guessing
                 "connections_closed_guessing",
                 "connections_refused_guessing",
                 "connections_refused_protected",
@@ -190,7 +190,8 @@ class Connection:
         self.input_done = False  # nothing more is read; close once all is answered
         self.output_size = 0
         self.answered = 0  # requests answered so far
-        self.misses = 0  # of them, for lease ids that do not exist (or not this tenant's)
+        self.misses = 0  # of them, for short lease ids that do not exist (or not this tenant's)
+        self.held_until = 0.0  # time.monotonic() before which no reply may be sent
         self._decoder = protocol.request_decoder()
         self._out: Deque[Tuple[Buffer, Optional[object]]] = collections.deque()
         self._small = bytearray()  # small replies, joined until they are sent
@@ -514,23 +515,19 @@ class Connection:
 
     def _auth(self, message: protocol.Auth) -> None:
         service = self.service
-        source = security.source_of(self.peer)
-        if not service.auth_failures.allowed(source):  # guessing: not even compared
-            tenant = None
-            service.counters["auth_refused_unchecked"] += 1
+        tenant = service.authenticate(message.token)  # always compared: the right one gets in
+        if tenant is None:
+            delay = service.wrong_tokens.failed(security.source_of(self.peer))
+            if delay:  # its host keeps guessing: the answer waits, and this connection with it
+                service.counters["auth_answers_delayed"] += 1
+                self.held_until = time.monotonic() + delay
             service.warn(
                 "auth",
                 self.peer,
-                "%s refused unchecked: over %d wrong tokens a minute from its host; closing",
+                "%s presented a wrong token; closing%s",
                 self.peer,
-                security.AUTH_FAILURES_PER_MINUTE,
+                " after %.2fs" % delay if delay else "",
             )
-        else:
-            tenant = service.authenticate(message.token)
-            if tenant is None:
-                service.auth_failures.take(source)
-                service.warn("auth", self.peer, "%s presented a wrong token; closing", self.peer)
-        if tenant is None:
             service.counters["auth_failures"] += 1
             self._status(protocol.AUTH, message, protocol.UNAUTHORIZED)
             self.tenant = None

@@ -198,7 +198,7 @@ def test_4_not_found_is_said_one_way_and_tokens_are_told_apart(server: ServerPro
         out = cli(*command, port=server.port)
         assert outcome(out) == (1, first + NOT_FOUND % lease_id, b""), command
 
-    with server_process("1M", env=environment(MEMLEASE_TOKEN="right")) as guarded:
+    with server_process("1M", env=environment(MEMLEASE_TOKEN="the-right-token-16+")) as guarded:
         out = cli("stats", port=guarded.port)
         assert outcome(out) == (
             1,
@@ -211,7 +211,7 @@ def test_4_not_found_is_said_one_way_and_tokens_are_told_apart(server: ServerPro
             b"",
             b"memlease_client.py: the server refused the token in MEMLEASE_TOKEN\n",
         )
-        out = cli("stats", port=guarded.port, env=environment(MEMLEASE_TOKEN="right"))
+        out = cli("stats", port=guarded.port, env=environment(MEMLEASE_TOKEN="the-right-token-16+"))
         assert out.returncode == 0 and b"pool_bytes 1048576\n" in out.stdout
 
 

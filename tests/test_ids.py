@@ -288,3 +288,46 @@ def test_against_our_server_the_probe_rides_with_the_first_lease_only():
         counts = server.service.request_counts()
         assert counts[("get", protocol.OK)] == 1 and counts[("grant", protocol.OK)] == 2
         assert server.stats()["total_connections"] == 1
+
+
+def test_no_short_ids_refuses_the_originals_messages_and_keeps_ours():
+    with server_process("1M", "--no-short-ids") as server:
+        assert one_request(server, SEED_LEASE, 16) == struct.pack("<iqi", 2, 4, -10)
+        assert one_request(server, seed_set(5), 16) == struct.pack("<iqi", 5, 4, -10)
+        assert one_request(server, seed_get(5), 20) == struct.pack("<iqii", 13, 8, -10, 4)
+        big = struct.pack("<iqiq", 3, 12 + (1 << 17), 5, 1 << 17) + bytes(1 << 17)
+        assert one_request(server, big, 16) == struct.pack("<iqi", 5, 4, -10)  # streamed too
+        with client_for(server) as client:  # the probe is still answered, and ours served
+            lease_id = client.lease(64, 60_000)
+            client.set(lease_id, b"ours")
+            assert client.get(lease_id, 0, 4) == b"ours"
+            assert client.stats()["live_leases"] == 1
+        log = server.output()
+        assert "short ids are off" in log and "--no-short-ids" in log
+        assert "sent a C++ client's lease: refused" in log
+
+
+def test_hundreds_of_misses_on_uuids_neither_close_a_connection_nor_refuse_its_host():
+    with server_thread() as server, connect(server) as sock:
+        (granted,) = exchange(sock, protocol.Grant(32, 60_000).encode())
+        frames = b"".join(
+            protocol.Read(uuid.uuid4().bytes, 0, -1).encode() for _ in range(500)
+        ) + protocol.Read(granted.lease_id, 0, 4).encode()
+        replies = exchange(sock, frames, 501)
+        assert replies[:500] == [protocol.DataSet(protocol.NOT_FOUND)] * 500
+        assert replies[500] == protocol.Data(0, bytes(4))
+        for _ in range(3):  # more connections from the host, all of them missing
+            with connect(server) as other:
+                frames = protocol.Release(uuid.uuid4().bytes).encode() * 300
+                assert len(exchange(other, frames, 300)) == 300
+        with client_for(server) as client:
+            assert client.get(uuid.UUID(bytes=granted.lease_id), 0, 1) == b"\0"
+        counters = server.service.counters
+        assert counters["connections_closed_guessing"] == 0
+        assert counters["connections_refused_guessing"] == 0
+    with server_thread() as server, connect(server) as sock:  # short ids keep their defence
+        frames = b"".join(
+            protocol.Read(protocol.short_form(n), 0, 1).encode() for n in range(1, 150)
+        )
+        assert len(exchange(sock, frames, 149)) == 100
+        assert server.service.counters["connections_closed_guessing"] == 1

@@ -227,20 +227,21 @@ def test_a_state_file_that_links_elsewhere_is_refused_and_its_target_untouched(
 def test_reordered_tenants_keep_their_own_leases_across_a_restart(state_dir: Path) -> None:
     state = str(state_dir / "pool")
     tokens = state_dir / "tokens"
-    tokens.write_text("alice a-secret\nbob b-secret\n")
+    tokens.write_text("alice a-secret-0123456789\nbob b-secret-0123456789\n")
     args = ("1M", "--bind", "127.0.0.1", "--state-file", state, "--token-file", str(tokens))
     data = b"alice's bytes"
     with running(*args) as first:
-        with as_tenant(first, "a-secret") as alice:
+        with as_tenant(first, "a-secret-0123456789") as alice:
             kept = alice.lease(len(data), 60000)
             alice.set(kept, data)
         stop_gracefully(first)
-    tokens.write_text("bob b-secret\nalice a-secret\n")  # bob is on alice's line now
+    # bob is on alice's line now
+    tokens.write_text("bob b-secret-0123456789\nalice a-secret-0123456789\n")
     with running(*args) as second:
         assert "restored 1 leases" in second.output()
-        with as_tenant(second, "b-secret") as bob, pytest.raises(LeaseNotFound):
+        with as_tenant(second, "b-secret-0123456789") as bob, pytest.raises(LeaseNotFound):
             bob.get(kept)
-        with as_tenant(second, "a-secret") as alice:
+        with as_tenant(second, "a-secret-0123456789") as alice:
             assert alice.get(kept) == data
 
 
@@ -560,3 +561,31 @@ def test_systemd_reads_the_unit_files_without_a_complaint(tmp_path: Path) -> Non
     )
     complaints = [line for line in out.stderr.decode().splitlines() if "memlease." in line]
     assert out.returncode == 0 and complaints == [], out.stderr
+
+
+def test_a_warm_restart_keeps_uuid_and_short_leases(state_dir: Path) -> None:
+    state = str(state_dir / "pool")
+    args = ("1M", "--bind", "127.0.0.1", "--state-file", state)
+    with running(*args) as first:
+        with client(first) as c:
+            wide = c.lease(32, 60000)
+            c.set(wide, b"under a UUID")
+        with socket.create_connection(("127.0.0.1", first.port), timeout=TIMEOUT) as sock:
+            sock.sendall(protocol.Lease(32, 60000).encode())
+            reply = protocol.reply_decoder()
+            while True:
+                leased = reply.next_message()
+                if leased is not None:
+                    break
+                data = sock.recv(64)
+                assert data
+                reply.feed(data)
+        short = leased.lease_id  # type: ignore[union-attr]
+        with client(first) as c:
+            c.set(short, b"short")
+        stop_gracefully(first)
+    with running(*args) as second:
+        assert "restored 2 leases" in second.output()
+        with client(second) as c:
+            assert c.get(wide, 0, 12) == b"under a UUID"
+            assert c.get(short, 0, 5) == b"short"

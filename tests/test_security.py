@@ -123,9 +123,28 @@ def test_a_bad_tenant_file_is_refused_naming_the_line(text, error):
 
 def test_the_token_comes_from_the_environment_without_a_file():
     assert security.load_tenants(None, {}) is None
-    tenants = security.load_tenants(None, {"MEMLEASE_TOKEN": "s3cret"})
+    tenants = security.load_tenants(None, {"MEMLEASE_TOKEN": "s3cret-of-16-bytes"})
     assert tenants is not None
-    assert tenants.authenticate(b"s3cret") == security.tenant_number("default")
+    assert tenants.authenticate(b"s3cret-of-16-bytes") == security.tenant_number("default")
+
+
+@pytest.mark.parametrize(
+    "env, tokens, words",
+    [
+        ({"MEMLEASE_TOKEN": "abc"}, None, "$MEMLEASE_TOKEN: the token of default is shorter"),
+        ({}, "alice a-long-enough-token\nbob short\n", "the token of bob is shorter than 16"),
+        ({}, "fifteen-bytes!!\n", "the token of default is shorter than 16 bytes"),
+    ],
+)
+def test_a_short_token_is_refused_at_start_in_one_line(tmp_path, env, tokens, words):
+    args = [sys.executable, SERVER, "0", "1M", "--bind", "127.0.0.1"]
+    if tokens is not None:
+        (tmp_path / "tokens").write_text(tokens)
+        args += ["--token-file", str(tmp_path / "tokens")]
+    environ = {k: v for k, v in os.environ.items() if k != "MEMLEASE_TOKEN"}
+    out = subprocess.run(args, capture_output=True, timeout=30, env=dict(environ, **env))
+    assert out.returncode == 2 and words.encode() in out.stderr, out
+    assert out.stderr.count(b"\n") == 1 and b"short enough to guess" in out.stderr
 
 
 @contextlib.contextmanager
@@ -181,22 +200,43 @@ def test_a_wrong_token_after_a_right_one_closes_the_connection():
         assert closed_by_peer(sock)
 
 
-def test_wrong_tokens_past_the_limit_are_refused_unchecked(caplog):
+def test_wrong_tokens_are_slowed_while_the_right_one_gets_in_at_once(caplog):
     caplog.set_level(logging.WARNING, logger="memlease")
-    limit = security.AUTH_FAILURES_PER_MINUTE
+    free = security.WRONG_TOKENS_FREE
     with serving(token=b"right") as server:
-        for _ in range(limit + 5):
+        for _ in range(free + 3):
             with pytest.raises(Unauthorized):
                 client(server, token="wrong").stats()
         counters = server.service.counters
-        assert counters["auth_failures"] == limit + 5
-        assert counters["auth_refused_unchecked"] == 5
-        # The host is locked out for now: the right token is not even compared.
-        with pytest.raises(Unauthorized):
-            client(server, token="right").stats()
-        assert counters["auth_refused_unchecked"] == 6
-    logged = warnings_with(caplog, "wrong token") + warnings_with(caplog, "refused unchecked")
-    assert len(logged) == server.service.warnings.burst
+        assert counters["auth_failures"] == free + 3
+        assert counters["auth_answers_delayed"] == 3  # the later wrong tokens waited
+        # From now on this host's wrong tokens wait half a minute for their answer.
+        server.service.wrong_tokens = security.Backoff(free=0, first=30.0, most=30.0)
+        with raw(server) as guesser, raw(server) as honest:
+            guesser.sendall(protocol.Auth(b"wrong again").encode())
+            assert wait_for(lambda: counters["auth_answers_delayed"] == 4)
+            # The right token from the same host is compared and answered meanwhile.
+            frames = protocol.Auth(b"right").encode() + protocol.Stats().encode()
+            replies = exchange(honest, frames, 2)
+            assert replies[0] == protocol.DataSet(protocol.OK)
+            assert isinstance(replies[1], protocol.StatsReply)
+            guesser.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still held: not a byte of its answer yet
+                guesser.recv(1)
+    assert len(warnings_with(caplog, "wrong token")) == server.service.warnings.burst
+
+
+def test_the_delay_for_wrong_tokens_grows_then_the_window_forgets():
+    clock = Minute()
+    backoff = security.Backoff(free=2, first=0.5, most=4.0, clock=clock)
+    assert [backoff.failed("h") for _ in range(7)] == [0.0, 0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
+    assert backoff.failed("other host") == 0.0
+    clock.now += 60.0
+    assert backoff.failed("h") == 0.0
+    full = security.Backoff(free=0, first=1.0, max_keys=2, clock=clock)
+    assert full.failed("a") == full.failed("b") == 1.0
+    assert full.failed("c") == 1.0 and full.failed("d") == 2.0  # past the table: shared
+    assert len(full) == 3
 
 
 def test_wrong_tokens_are_allowed_again_as_the_minute_passes():

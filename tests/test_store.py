@@ -760,3 +760,24 @@ def test_deadlines_past_the_narrow_columns_range_keep_their_order():
         assert store.expire_due(10) == 1 and store.read(late)[0] == protocol.OK
     finally:
         store.close()
+
+
+def test_a_restart_keeps_short_ids_and_goes_on_issuing_new_ones(state):
+    clock, wall = FakeClock(), FakeClock(1.7e9)
+    store = _store(state, clock, wall)
+    wide = store.lease(32, 60_000)
+    short_lease = store.lease(32, 60_000, short_id=True)
+    short = store.short_id(short_lease)
+    before = [store.short_id(store.lease(32, 60_000, short_id=True)) for _ in range(50)]
+    store.save()
+    store.close()
+    again = _store(state, FakeClock(), wall)
+    try:
+        assert again.restore_note is not None and again.restore_note.startswith("restored 52 ")
+        assert again.read(wide)[0] == protocol.OK and again.short_id(wide) == 0
+        assert again.short_id(protocol.short_form(short)) == short
+        assert again.read(short_lease)[0] == protocol.OK  # by its UUID too
+        after = [again.short_id(again.lease(32, 60_000, short_id=True)) for _ in range(200)]
+        assert not set(after) & set(before + [short]) and 0 not in after
+    finally:
+        again.close()
