@@ -331,3 +331,24 @@ def test_hundreds_of_misses_on_uuids_neither_close_a_connection_nor_refuse_its_h
         )
         assert len(exchange(sock, frames, 149)) == 100
         assert server.service.counters["connections_closed_guessing"] == 1
+
+
+def test_the_worked_example_of_docs_protocol_md():
+    wide = uuid.UUID("0b8e6c1a-5d8f-4e0c-9a47-2f1d3c5b7e90").bytes
+    assert protocol.Grant(1024, 5000).encode() == bytes.fromhex(
+        "11000000 0800000000000000 00040000 88130000"
+    )
+    assert protocol.Granted(wide).encode() == bytes.fromhex(
+        "12000000 1000000000000000 0b8e6c1a5d8f4e0c9a472f1d3c5b7e90"
+    )
+    assert protocol.Write(wide, 0, SEED_TEXT).encode() == bytes.fromhex(
+        "08000000 3200000000000000 0b8e6c1a5d8f4e0c9a472f1d3c5b7e90"
+        "0000000000000000 1200000000000000"
+    ) + SEED_TEXT
+    assert protocol.Read(wide, 0, -1).encode() == bytes.fromhex(
+        "09000000 2000000000000000 0b8e6c1a5d8f4e0c9a472f1d3c5b7e90"
+        "0000000000000000 ffffffffffffffff"
+    )
+    assert protocol.Release(protocol.short_form(123)).encode() == bytes.fromhex(
+        "06000000 1000000000000000 000000000000000000000000 0000007b"
+    )
