@@ -3,7 +3,7 @@
 
 from memlease_client import MemLeaseClient
 with MemLeaseClient("localhost", 412) as c:
-    lease_id = c.lease(1024, 5000)
+    lease_id = c.lease(1024, 5000)  # a uuid.UUID (an int from the C++ server)
     c.set(lease_id, b"hello")
     c.get(lease_id, offset=0, length=5)
 
@@ -19,6 +19,7 @@ import socket
 import ssl
 import sys
 import threading
+import uuid
 from typing import (
     Any,
     Callable,
@@ -45,6 +46,10 @@ PIPELINE_WINDOW = 64 * 1024
 # A large value is sent in slices of this size, so the timeout bounds each slice, not
 # the whole value (sendall's timeout covers everything it is given).
 SEND_SLICE = 1 << 20
+ORIGINAL_VERSION = 1  # what the probe makes of the C++ server: no extension is answered
+
+# What names a lease in the API: the uuid.UUID lease() returned, its text, or a short id.
+LeaseId = Union[uuid.UUID, str, int]
 
 
 class MemLeaseError(Exception):
@@ -155,15 +160,55 @@ def _checked_duration(duration_ms: object) -> int:
     return value
 
 
-def _checked_id(lease_id: object) -> int:
-    """An id that can name a lease; any other number names none, so it is not found."""
-    value = _whole_number("lease id", lease_id)
-    if not 0 < value <= protocol.INT32_MAX:
+def _checked_id(lease_id: object) -> Union[int, bytes]:
+    """The id as the wire carries it: a short id's number, or a UUID's 16 bytes.
+
+    A uuid.UUID, its text, or an int short id; an id no lease can have is not found.
+    """
+    if isinstance(lease_id, uuid.UUID):
+        wide = lease_id.bytes
+    elif isinstance(lease_id, str):
+        try:
+            wide = uuid.UUID(lease_id).bytes
+        except ValueError:
+            raise InvalidArgument(
+                "lease id %r is not a UUID (nor is it an int short id)" % lease_id,
+                protocol.INVALID,
+            ) from None
+    elif isinstance(lease_id, int) and not isinstance(lease_id, bool):
+        return _checked_short_id(lease_id)
+    else:
+        raise TypeError(
+            "lease id must be a uuid.UUID, its text or an int, not %s" % type(lease_id).__name__
+        )
+    short_id = protocol.short_id_in(wide)
+    if short_id is None:
+        if not protocol.is_lease_id(wide):
+            raise LeaseNotFound(
+                "lease %s: no such lease (ids are version 4 UUIDs)" % uuid.UUID(bytes=wide),
+                protocol.NOT_FOUND,
+            )
+        return wide
+    return _checked_short_id(short_id)
+
+
+def _checked_short_id(short_id: int) -> int:
+    if not 0 < short_id <= protocol.INT32_MAX:
         raise LeaseNotFound(
-            "lease %d: no such lease (ids are 1 to %d)" % (value, protocol.INT32_MAX),
+            "lease %d: no such lease (short ids are 1 to %d)" % (short_id, protocol.INT32_MAX),
             protocol.NOT_FOUND,
         )
-    return value
+    return short_id
+
+
+def _wide(lease_id: Union[int, bytes]) -> bytes:
+    """The 16 bytes the extensions carry for a checked id."""
+    return protocol.short_form(lease_id) if isinstance(lease_id, int) else lease_id
+
+
+def id_of(lease_id: Union[int, bytes]) -> Union[uuid.UUID, int]:
+    """A checked id as the API hands it out: a uuid.UUID, or a short id's int."""
+    return lease_id if isinstance(lease_id, int) else uuid.UUID(bytes=lease_id)
 
 
 def _checked_place(name: str, value: object) -> int:
@@ -220,14 +265,26 @@ def _unexpected(request: protocol.Request, reply: protocol.Reply) -> MemLeaseErr
     )
 
 
+def _lease_refused(status: int) -> MemLeaseError:
+    if status == protocol.NO_MEMORY:
+        return OutOfMemory("lease refused: " + protocol.NO_MEMORY_TEXT, status)
+    return _status_error(status, "lease refused")
+
+
 def _lease_id(request: protocol.Request, reply: protocol.Reply) -> int:
     if not isinstance(reply, protocol.Leased):
         raise _unexpected(request, reply)
     if reply.lease_id > 0:
         return reply.lease_id
-    if reply.lease_id == protocol.NO_MEMORY:
-        raise OutOfMemory("lease refused: " + protocol.NO_MEMORY_TEXT, reply.lease_id)
-    raise _status_error(reply.lease_id, "lease refused")
+    raise _lease_refused(reply.lease_id)
+
+
+def _granted_id(request: protocol.Request, reply: protocol.Reply) -> uuid.UUID:
+    if isinstance(reply, protocol.Granted):
+        return uuid.UUID(bytes=reply.lease_id)
+    if isinstance(reply, protocol.DataSet) and reply.status != protocol.OK:
+        raise _lease_refused(reply.status)
+    raise _unexpected(request, reply)
 
 
 def _done(request: protocol.Request, reply: protocol.Reply) -> None:
@@ -235,22 +292,48 @@ def _done(request: protocol.Request, reply: protocol.Reply) -> None:
         raise _unexpected(request, reply)
     if reply.status != protocol.OK:
         lease_id = getattr(request, "lease_id", None)
-        what = protocol.request_name(request) if lease_id is None else "lease %d" % lease_id
+        what = protocol.request_name(request) if lease_id is None else _lease_text(lease_id)
         raise _status_error(reply.status, what)
 
 
+def _lease_text(lease_id: Union[int, bytes]) -> str:
+    return "lease " + protocol.id_text(lease_id)
+
+
 def _data(request: protocol.Request, reply: protocol.Reply) -> bytes:
-    lease_id: int = request.lease_id  # type: ignore[union-attr]  # get and read carry one
+    lease_id: Union[int, bytes] = request.lease_id  # type: ignore[union-attr]  # get, read
     if isinstance(reply, protocol.DataSet):  # a refused ranged read
         _done(request, reply)
     if not isinstance(reply, protocol.Data):
         raise _unexpected(request, reply)
-    if reply.lease_id != lease_id:
-        raise MemLeaseProtocolError("asked for lease %d, got lease %d" % (lease_id, reply.lease_id))
+    # The reply names the lease by its short id (0 for none): a UUID cannot be checked.
+    short_id = lease_id if isinstance(lease_id, int) else protocol.short_id_in(lease_id)
+    if short_id is not None and reply.lease_id != short_id:
+        raise MemLeaseProtocolError(
+            "asked for lease %d, got lease %d" % (short_id, reply.lease_id)
+        )
     # The original's get answers an unknown lease with no data; a lease is never empty.
     if not reply.data and isinstance(request, protocol.AccessData):
-        raise _status_error(protocol.NOT_FOUND, "lease %d" % lease_id)
+        raise _status_error(protocol.NOT_FOUND, _lease_text(lease_id))
     return reply.data
+
+
+def _server_version(request: protocol.Request, reply: protocol.Reply) -> int:
+    """The protocol version a probe's reply shows; the original (1) answers no data."""
+    if isinstance(reply, protocol.Error):
+        return protocol.PROTOCOL_VERSION  # only this server sends Error
+    if isinstance(reply, protocol.Data) and reply.lease_id == protocol.PROBE_ID:
+        if not reply.data:
+            return ORIGINAL_VERSION
+        name, _, version = reply.data.partition(b" ")
+        if name == b"memlease" and version.isdigit():
+            return int(version)
+    raise MemLeaseProtocolError("the server answered the probe with %r" % (reply,))
+
+
+def speaks_extensions(reply: protocol.Reply) -> bool:
+    """Whether the server that gave this reply to the probe answers the extensions."""
+    return _server_version(PROBE.request, reply) > ORIGINAL_VERSION
 
 
 def _stats(request: protocol.Request, reply: protocol.Reply) -> Dict[str, int]:
@@ -265,12 +348,29 @@ def _pool_map(request: protocol.Request, reply: protocol.Reply) -> protocol.Pool
     return reply
 
 
+# The probe: whether the server is this one (it answers Grant) or the original.
+PROBE = Call(protocol.AccessData(protocol.PROBE_ID), _server_version)
+
+
 def lease_call(size: int, duration_ms: int) -> Call:
-    return Call(protocol.Lease(_checked_size(size), _checked_duration(duration_ms)), _lease_id)
+    """A lease under a UUID: Grant, which only this server answers (see original_call)."""
+    return Call(protocol.Grant(_checked_size(size), _checked_duration(duration_ms)), _granted_id)
 
 
-def set_call(lease_id: int, data: bytes, offset: int = 0, truncate: bool = False) -> Call:
-    lease_id, data = _checked_id(lease_id), _checked_data(data)
+def original_call(call: Call) -> Call:
+    """``call`` as the original server takes it: a lease through its Lease message."""
+    if isinstance(call.request, protocol.Grant):
+        return Call(protocol.Lease(*call.request), _lease_id)
+    return call
+
+
+def needs_probe(calls: Sequence[Call]) -> bool:
+    """Whether the calls differ between the two servers (a lease), so one must be known."""
+    return any(isinstance(call.request, protocol.Grant) for call in calls)
+
+
+def set_call(lease_id: LeaseId, data: bytes, offset: int = 0, truncate: bool = False) -> Call:
+    checked_id, data = _checked_id(lease_id), _checked_data(data)
     offset = _checked_place("offset", offset)
     if not isinstance(truncate, bool):
         raise TypeError("truncate must be a bool, not %s" % type(truncate).__name__)
@@ -280,26 +380,27 @@ def set_call(lease_id: int, data: bytes, offset: int = 0, truncate: bool = False
                 "truncate zeroes the lease after data written at offset 0, not %d" % offset,
                 protocol.INVALID,
             )
-        return Call(protocol.Replace(lease_id, data), _done)
-    if offset == 0:  # the original's message, so this works against its server too
-        return Call(protocol.SetData(lease_id, data), _done)
-    return Call(protocol.Write(lease_id, offset, data), _done)
+        return Call(protocol.Replace(_wide(checked_id), data), _done)
+    if offset == 0 and isinstance(checked_id, int):  # the original's message: its server too
+        return Call(protocol.SetData(checked_id, data), _done)
+    return Call(protocol.Write(_wide(checked_id), offset, data), _done)
 
 
-def get_call(lease_id: int, offset: int = 0, length: Optional[int] = None) -> Call:
-    lease_id, offset = _checked_id(lease_id), _checked_place("offset", offset)
-    if offset == 0 and length is None:
-        return Call(protocol.AccessData(lease_id), _data)
+def get_call(lease_id: LeaseId, offset: int = 0, length: Optional[int] = None) -> Call:
+    checked_id, offset = _checked_id(lease_id), _checked_place("offset", offset)
+    if offset == 0 and length is None and isinstance(checked_id, int):
+        return Call(protocol.AccessData(checked_id), _data)  # the original's: its server too
     wire_length = -1 if length is None else _checked_place("length", length)
-    return Call(protocol.Read(lease_id, offset, wire_length), _data)
+    return Call(protocol.Read(_wide(checked_id), offset, wire_length), _data)
 
 
-def renew_call(lease_id: int, duration_ms: int) -> Call:
-    return Call(protocol.Renew(_checked_id(lease_id), _checked_duration(duration_ms)), _done)
+def renew_call(lease_id: LeaseId, duration_ms: int) -> Call:
+    checked_id = _wide(_checked_id(lease_id))
+    return Call(protocol.Renew(checked_id, _checked_duration(duration_ms)), _done)
 
 
-def release_call(lease_id: int) -> Call:
-    return Call(protocol.Release(_checked_id(lease_id)), _done)
+def release_call(lease_id: LeaseId) -> Call:
+    return Call(protocol.Release(_wide(_checked_id(lease_id))), _done)
 
 
 def stats_call() -> Call:
@@ -497,8 +598,17 @@ class _Connection:
     def close(self) -> None:
         self.sock.close()
 
-    def exchange(self, requests: Sequence[protocol.Request]) -> List[protocol.Reply]:
-        """Send the requests and read one reply each, in order, a window at a time."""
+    def exchange(
+        self,
+        requests: Sequence[protocol.Request],
+        probe: Optional[Callable[[protocol.Reply], bool]] = None,
+    ) -> List[protocol.Reply]:
+        """Send the requests and read one reply each, in order, a window at a time.
+
+        With ``probe`` the first request is the probe, sent in front of the rest: when
+        ``probe`` finds in its reply that the rest will never be answered (the original
+        server reads one request per connection), only that reply is returned.
+        """
         replies: List[protocol.Reply] = []
         start = 0
         while start < len(requests):
@@ -510,6 +620,11 @@ class _Connection:
                 size += sum(map(len, frame))
                 end += 1
             self._send(parts)
+            if probe is not None and start == 0:
+                replies.extend(self._receive(1))
+                if not probe(replies[0]):
+                    return replies
+                start += 1
             replies.extend(self._receive(end - start))
             start = end
         return replies
@@ -558,7 +673,7 @@ class _Connection:
                 received += count
         # One copy into bytes (about 0.6 ms a MiB), so that get() gives bytes whatever the
         # size: a type that changed at 64 KiB would break hashing and isinstance checks.
-        return protocol.Data(frame.lease_id, bytes(data))
+        return protocol.Data(cast(int, frame.lease_id), bytes(data))  # a reply's id is an int
 
 
 class MemLeaseClient:
@@ -591,6 +706,9 @@ class MemLeaseClient:
         self._lock = threading.Lock()
         self._idle: List[_Connection] = []
         self._generation = 0  # bumped by close(): connections then in use close on return
+        # The server's protocol version, from the probe sent with the first lease; the
+        # original (ORIGINAL_VERSION) gets its own messages, one request a connection.
+        self.server_version: Optional[int] = None
 
     def __enter__(self) -> "MemLeaseClient":
         return self
@@ -606,11 +724,12 @@ class MemLeaseClient:
         for connection in idle:
             connection.close()
 
-    def lease(self, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> int:
-        """Lease ``size`` bytes for ``duration_ms`` milliseconds; returns the lease id."""
-        return cast(int, self._one(lease_call(size, duration_ms)))
+    def lease(self, size: int, duration_ms: int = DEFAULT_DURATION_MS) -> Union[uuid.UUID, int]:
+        """Lease ``size`` bytes for ``duration_ms`` milliseconds; returns the lease id: a
+        uuid.UUID, or an int from the C++ server."""
+        return cast(Union[uuid.UUID, int], self._one(lease_call(size, duration_ms)))
 
-    def set(self, lease_id: int, data: bytes, offset: int = 0, truncate: bool = False) -> None:
+    def set(self, lease_id: LeaseId, data: bytes, offset: int = 0, truncate: bool = False) -> None:
         """Write ``data`` at ``offset`` of the lease, all or nothing.
 
         ``truncate`` also zeroes the rest of the lease, in the same request (offset 0 only).
@@ -618,15 +737,15 @@ class MemLeaseClient:
         """
         self._one(set_call(lease_id, data, offset, truncate))
 
-    def get(self, lease_id: int, offset: int = 0, length: Optional[int] = None) -> bytes:
+    def get(self, lease_id: LeaseId, offset: int = 0, length: Optional[int] = None) -> bytes:
         """The lease's bytes: all of them, or ``length`` (default: to the end) from ``offset``."""
         return cast(bytes, self._one(get_call(lease_id, offset, length)))
 
-    def renew(self, lease_id: int, duration_ms: int) -> None:
+    def renew(self, lease_id: LeaseId, duration_ms: int) -> None:
         """Make the lease last ``duration_ms`` from now."""
         self._one(renew_call(lease_id, duration_ms))
 
-    def release(self, lease_id: int) -> None:
+    def release(self, lease_id: LeaseId) -> None:
         """End the lease now."""
         self._one(release_call(lease_id))
 
@@ -649,28 +768,53 @@ class MemLeaseClient:
         return result
 
     def _request(self, calls: Sequence[Call]) -> List[Any]:
-        """Send the calls on a borrowed connection; their results or MemLeaseErrors, in order."""
+        """Send the calls on a borrowed connection; their results or MemLeaseErrors, in order.
+
+        The first lease goes with the probe in front of it, which costs this server no
+        round trip; the original server then gets its own messages, each on a connection
+        of its own (it reads one request per connection).
+        """
         self._slots.acquire()
         try:
-            with self._lock:
-                connection = self._idle.pop() if self._idle else None
-                generation = self._generation
-            if connection is None:
-                connection = self._connect()
-            try:
-                replies = connection.exchange([call.request for call in calls])
-            except BaseException as exc:
-                connection.close()  # out of step with the server: never reused
-                raise self._exchange_error(connection, exc) from None
-            with self._lock:
-                if generation == self._generation:
-                    self._idle.append(connection)
-                    connection = None
-            if connection is not None:
-                connection.close()
+            if self.server_version is None and needs_probe(calls):
+                requests = [PROBE.request] + [call.request for call in calls]
+                replies = self._exchange(requests, probe=speaks_extensions)
+                self.server_version = PROBE.result(PROBE.request, replies[0])
+                if len(replies) == len(requests):
+                    return results_of(calls, replies[1:])
+            if self.server_version == ORIGINAL_VERSION:
+                originals = [original_call(call) for call in calls]
+                replies = [self._exchange([call.request], reuse=False)[0] for call in originals]
+                return results_of(originals, replies)
+            return results_of(calls, self._exchange([call.request for call in calls]))
         finally:
             self._slots.release()
-        return results_of(calls, replies)
+
+    def _exchange(
+        self,
+        requests: Sequence[protocol.Request],
+        probe: Optional[Callable[[protocol.Reply], bool]] = None,
+        reuse: bool = True,
+    ) -> List[protocol.Reply]:
+        """The replies to ``requests`` on a borrowed connection (see _Connection.exchange),
+        kept for reuse when ``reuse`` and every request was answered."""
+        with self._lock:
+            connection = self._idle.pop() if self._idle and reuse else None
+            generation = self._generation
+        if connection is None:
+            connection = self._connect()
+        try:
+            replies = connection.exchange(requests, probe)
+        except BaseException as exc:
+            connection.close()  # out of step with the server: never reused
+            raise self._exchange_error(connection, exc) from None
+        in_step = reuse and len(replies) == len(requests)
+        with self._lock:
+            if in_step and generation == self._generation:
+                self._idle.append(connection)
+                return replies
+        connection.close()
+        return replies
 
     def _connect(self) -> _Connection:
         """A new connection, through TLS and authenticated when so configured."""
@@ -724,20 +868,22 @@ class CallQueue:
         return self
 
     def set(
-        self: _Queue, lease_id: int, data: bytes, offset: int = 0, truncate: bool = False
+        self: _Queue, lease_id: LeaseId, data: bytes, offset: int = 0, truncate: bool = False
     ) -> _Queue:
         self._calls.append(set_call(lease_id, data, offset, truncate))
         return self
 
-    def get(self: _Queue, lease_id: int, offset: int = 0, length: Optional[int] = None) -> _Queue:
+    def get(
+        self: _Queue, lease_id: LeaseId, offset: int = 0, length: Optional[int] = None
+    ) -> _Queue:
         self._calls.append(get_call(lease_id, offset, length))
         return self
 
-    def renew(self: _Queue, lease_id: int, duration_ms: int) -> _Queue:
+    def renew(self: _Queue, lease_id: LeaseId, duration_ms: int) -> _Queue:
         self._calls.append(renew_call(lease_id, duration_ms))
         return self
 
-    def release(self: _Queue, lease_id: int) -> _Queue:
+    def release(self: _Queue, lease_id: LeaseId) -> _Queue:
         self._calls.append(release_call(lease_id))
         return self
 

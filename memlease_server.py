@@ -131,6 +131,12 @@ def build_parser(prog: str = SERVER_NAME) -> argparse.ArgumentParser:
         "lines 'NAME TOKEN [MAX_BYTES]' (default: $MEMLEASE_TOKEN)",
     )
     parser.add_argument(
+        "--no-short-ids",
+        action="store_true",
+        help="refuse the C++ client's messages (lease, set and get with 32-bit ids), so "
+        "every lease has only an unguessable UUID (default: the C++ client is served)",
+    )
+    parser.add_argument(
         "--allow",
         type=parse_allow,
         default=security.AllowList.parse(security.LOOPBACK),
@@ -231,6 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 max_data=protocol.INT32_MAX if args.max_frame is None else args.max_frame,
                 tenants=tenants,
                 allow=args.allow,
+                short_ids=not args.no_short_ids,
             ),
             ssl_context=tls,
         )
@@ -281,6 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             server.server_address[0],
             args.allow,
         )
+    if args.no_short_ids:
+        log.info("short ids are off (--no-short-ids): the C++ client's messages are refused")
     if metrics is not None:
         log.info("metrics at %s", metrics.url)
     if tls is not None:

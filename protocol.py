@@ -10,13 +10,14 @@ See docs/protocol.md for every message and status code.
 """
 
 import struct
+import uuid
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Type, Union
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
 INT32_MAX = 2**31 - 1
 
-# Message types.  1-5 are the original's; 6-16 are this implementation's extensions.
+# Message types.  1-5 are the original's; 6-18 are this implementation's extensions.
 LEASE = 1
 LEASED = 2
 SET_DATA = 3
@@ -33,6 +34,8 @@ ERROR = 13
 POOL_MAP = 14
 POOL_MAP_REPLY = 15
 REPLACE = 16
+GRANT = 17
+GRANTED = 18
 
 TYPE_NAMES = {
     LEASE: "lease",
@@ -51,6 +54,8 @@ TYPE_NAMES = {
     POOL_MAP: "map",
     POOL_MAP_REPLY: "map-reply",
     REPLACE: "replace",
+    GRANT: "grant",
+    GRANTED: "granted",
 }
 
 # Status codes, carried by DataSet and Error replies, and as a negative id in Leased.
@@ -64,6 +69,7 @@ UNKNOWN_TYPE = -6  # the server does not know this message type
 MALFORMED = -7  # the payload does not match its message's layout
 FRAME_TOO_LARGE = -8  # the length field is negative or above the server's limit
 BUSY = -9  # the server is at its connection limit, or its memory for uploads is lent out
+SHORT_IDS_OFF = -10  # the original's id-bearing messages, on a server run with --no-short-ids
 OVER_QUOTA = -11  # in Leased (and DataSet): the tenant's quota cannot take the lease
 NO_MEMORY = NOT_FOUND  # Leased only: the original's refusal, kept for its client
 
@@ -80,18 +86,70 @@ STATUS_TEXT = {
     MALFORMED: "malformed message",
     FRAME_TOO_LARGE: "frame length negative or over the server's limit",
     BUSY: "server busy: too many connections, or uploads under way",
+    SHORT_IDS_OFF: "short ids are off on this server (--no-short-ids): "
+    "use a MemoryLease 2 client",
     OVER_QUOTA: "over the tenant's quota",
 }
+
+# Lease ids.  Every lease has a 16-byte id, a random version 4 UUID in RFC 4122 byte
+# order; a lease made by the original's Lease message also has a 32-bit short id, which
+# the extensions carry as the UUID whose integer it is: 12 zero bytes, then the id
+# big-endian.  A version 4 UUID never looks like that (its version nibble is 4).
+ID_SIZE = 16
+_ZERO_PREFIX = bytes(12)
+_SHORT_FORM = struct.Struct(">12xI")
+NO_LEASE = bytes(ID_SIZE)  # the short form of id 0, which no lease ever has
+
+# The probe: AccessData for id 0.  The original answers Data with no bytes; this server
+# answers with its protocol version's text, so a client learns which it talks to.
+PROBE_ID = 0
+PROTOCOL_VERSION = 2
+PROBE_TEXT = b"memlease %d" % PROTOCOL_VERSION
+
+
+def short_form(short_id: int) -> bytes:
+    """The 16 bytes that name the lease of ``short_id``; an id no lease can have names none."""
+    return _SHORT_FORM.pack(short_id) if 0 < short_id <= INT32_MAX else NO_LEASE
+
+
+def short_id_in(lease_id: bytes) -> Optional[int]:
+    """The short id a 16-byte id stands for, or None when it is a UUID's own."""
+    if lease_id[:12] == _ZERO_PREFIX:
+        short_id: int = _SHORT_FORM.unpack(lease_id)[0]
+        return short_id
+    return None
+
+
+def is_lease_id(data: Union[bytes, bytearray], at: int = 0) -> bool:
+    """Whether the 16 bytes at ``at`` can name a lease: a version 4 UUID, or a short
+    id's form."""
+    if data[at + 6] >> 4 == 4 and data[at + 8] >> 6 == 2:
+        return True
+    return data[at : at + 12] == _ZERO_PREFIX
+
+
+def id_text(lease_id: Union[int, bytes]) -> str:
+    """An id as people read it: a short id's number, or a UUID's canonical text."""
+    if isinstance(lease_id, int):
+        return str(lease_id)
+    short_id = short_id_in(lease_id)
+    return str(uuid.UUID(bytes=lease_id)) if short_id is None else str(short_id)
 
 _I = struct.Struct("<i")
 _II = struct.Struct("<ii")
 _IQ = struct.Struct("<iq")
-_IQQ = struct.Struct("<iqq")
+_U = struct.Struct("<16s")
+_UI = struct.Struct("<16si")
+_UQ = struct.Struct("<16sq")
+_UQQ = struct.Struct("<16sqq")
 # Whole frames with a fixed layout, packed in one call on the hot path.
 _FRAME_I = struct.Struct("<iqi")
 _FRAME_II = struct.Struct("<iqii")
 _FRAME_IQ = struct.Struct("<iqiq")
-_FRAME_IQQ = struct.Struct("<iqiqq")
+_FRAME_U = struct.Struct("<iq16s")
+_FRAME_UI = struct.Struct("<iq16si")
+_FRAME_UQ = struct.Struct("<iq16sq")
+_FRAME_UQQ = struct.Struct("<iq16sqq")
 
 
 class Lease(NamedTuple):
@@ -171,33 +229,33 @@ STATUS_REPLIES = {status: DataSet(status).encode() for status in STATUS_TEXT}
 class Release(NamedTuple):
     """End a lease now; its memory returns to the pool, zeroed."""
 
-    lease_id: int
+    lease_id: bytes
 
     def encode(self) -> bytes:
-        return _FRAME_I.pack(RELEASE, _I.size, self.lease_id)
+        return _FRAME_U.pack(RELEASE, _U.size, self.lease_id)
 
 
 class Renew(NamedTuple):
     """Give a live lease a new duration counted from now."""
 
-    lease_id: int
+    lease_id: bytes
     duration_ms: int
 
     def encode(self) -> bytes:
-        return _FRAME_II.pack(RENEW, _II.size, self.lease_id, self.duration_ms)
+        return _FRAME_UI.pack(RENEW, _UI.size, self.lease_id, self.duration_ms)
 
 
 class Write(NamedTuple):
     """Write ``data`` at ``offset`` inside the lease, all or nothing."""
 
-    lease_id: int
+    lease_id: bytes
     offset: int
     data: bytes
 
     def head(self) -> bytes:
         """The frame's bytes before its data, so large data can be sent without a copy."""
         n = len(self.data)
-        return _FRAME_IQQ.pack(WRITE, _IQQ.size + n, self.lease_id, self.offset, n)
+        return _FRAME_UQQ.pack(WRITE, _UQQ.size + n, self.lease_id, self.offset, n)
 
     def encode(self) -> bytes:
         return self.head() + self.data
@@ -206,12 +264,12 @@ class Write(NamedTuple):
 class Read(NamedTuple):
     """Read ``length`` bytes at ``offset``; a length of -1 reads to the end."""
 
-    lease_id: int
+    lease_id: bytes
     offset: int
     length: int
 
     def encode(self) -> bytes:
-        return _FRAME_IQQ.pack(READ, _IQQ.size, self.lease_id, self.offset, self.length)
+        return _FRAME_UQQ.pack(READ, _UQQ.size, self.lease_id, self.offset, self.length)
 
 
 class Stats(NamedTuple):
@@ -253,16 +311,35 @@ class Error(NamedTuple):
 class Replace(NamedTuple):
     """Write ``data`` at the start of the lease and zero the rest, in one request."""
 
-    lease_id: int
+    lease_id: bytes
     data: bytes
 
     def head(self) -> bytes:
         """The frame's bytes before its data, so large data can be sent without a copy."""
         n = len(self.data)
-        return _FRAME_IQ.pack(REPLACE, _IQ.size + n, self.lease_id, n)
+        return _FRAME_UQ.pack(REPLACE, _UQ.size + n, self.lease_id, n)
 
     def encode(self) -> bytes:
         return self.head() + self.data
+
+
+class Grant(NamedTuple):
+    """Ask for ``size`` bytes for ``duration_ms`` milliseconds, under a 16-byte id."""
+
+    size: int
+    duration_ms: int
+
+    def encode(self) -> bytes:
+        return _FRAME_II.pack(GRANT, _II.size, self.size, self.duration_ms)
+
+
+class Granted(NamedTuple):
+    """The answer to Grant: the new lease's 16-byte id (a refusal is a DataSet)."""
+
+    lease_id: bytes
+
+    def encode(self) -> bytes:
+        return _FRAME_U.pack(GRANTED, _U.size, self.lease_id)
 
 
 class PoolMap(NamedTuple):
@@ -317,7 +394,7 @@ class DataFrame(NamedTuple):
     """
 
     msg_type: int
-    lease_id: int
+    lease_id: Union[int, bytes]  # SetData and Data carry a short id; Write and Replace 16 bytes
     offset: int  # 0 for SetData, Replace and Data
     length: int
 
@@ -334,6 +411,7 @@ REQUEST_TYPES = {
     Read: READ,
     Stats: STATS,
     Auth: AUTH,
+    Grant: GRANT,
 }
 
 
@@ -348,9 +426,9 @@ def request_name(request: object) -> str:
 
 
 Request = Union[
-    Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth, Replace, PoolMap
+    Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth, Replace, PoolMap, Grant
 ]
-Reply = Union[Leased, Data, DataSet, StatsReply, Error, PoolMapReply]
+Reply = Union[Leased, Data, DataSet, StatsReply, Error, PoolMapReply, Granted]
 Message = Union[Request, Reply, DataFrame]
 
 
@@ -430,6 +508,30 @@ def _with_data(layout: struct.Struct, make: "Type[Message]") -> Parser:
     return parse
 
 
+def _naming(parse: Parser) -> Parser:
+    """``parse``, for a request whose first field is a 16-byte lease id, checked.
+
+    A 1.x client's 4-byte id, read as 16 bytes, is never a version 4 UUID nor a short
+    id's form, so its request is refused as malformed instead of reaching some lease.
+    """
+
+    def parse_named(buf: bytearray, start: int, length: int) -> Message:
+        message = parse(buf, start, length)  # checks the length first
+        if not is_lease_id(buf, start):
+            raise _not_an_id(_type_at(buf, start))
+        return message
+
+    return parse_named
+
+
+def _not_an_id(msg_type: int) -> BadMessage:
+    return BadMessage(
+        MALFORMED,
+        msg_type,
+        "the lease id is neither a version 4 UUID nor a short id (a 1.x client's 4-byte id?)",
+    )
+
+
 def _whole(make: Callable[[bytes], Message]) -> Parser:
     """A parser whose message is the whole payload."""
 
@@ -472,14 +574,15 @@ REQUEST_PARSERS: Dict[int, Parser] = {
     LEASE: _fixed(_II, Lease),
     SET_DATA: _with_data(_IQ, SetData),
     ACCESS_DATA: _fixed(_I, AccessData),
-    RELEASE: _fixed(_I, Release),
-    RENEW: _fixed(_II, Renew),
-    WRITE: _with_data(_IQQ, Write),
-    READ: _fixed(_IQQ, Read),
+    RELEASE: _naming(_fixed(_U, Release)),
+    RENEW: _naming(_fixed(_UI, Renew)),
+    WRITE: _naming(_with_data(_UQQ, Write)),
+    READ: _naming(_fixed(_UQQ, Read)),
     STATS: _empty(Stats),
     AUTH: _whole(Auth),
-    REPLACE: _with_data(_IQ, Replace),
+    REPLACE: _naming(_with_data(_UQ, Replace)),
     POOL_MAP: _fixed(_I, PoolMap),
+    GRANT: _fixed(_II, Grant),
 }
 
 REPLY_PARSERS: Dict[int, Parser] = {
@@ -489,19 +592,20 @@ REPLY_PARSERS: Dict[int, Parser] = {
     STATS_REPLY: _whole(_parse_stats),
     ERROR: _fixed(_II, Error),
     POOL_MAP_REPLY: _parse_pool_map,
+    GRANTED: _fixed(_U, Granted),
 }
 
 # The largest reply a client may meet: a whole lease of the largest size.
 MAX_REPLY_PAYLOAD = _IQ.size + INT32_MAX
 # Bytes a data-carrying request adds to its data.
-WRITE_OVERHEAD = _IQQ.size
+WRITE_OVERHEAD = _UQQ.size
 # Data frames at least this large are streamed: their bytes bypass the decoder's buffer.
 STREAM_MIN = 64 * 1024
 # The largest frame a server buffers whole: any request that is not streamed.
 MAX_BUFFERED_REQUEST = STREAM_MIN + WRITE_OVERHEAD
 
 # The fixed fields (their last one counts the data bytes) of frames that may be streamed.
-_STREAMED_REQUESTS = {SET_DATA: _IQ, WRITE: _IQQ, REPLACE: _IQ}
+_STREAMED_REQUESTS = {SET_DATA: _IQ, WRITE: _UQQ, REPLACE: _UQ}
 _STREAMED_REPLIES = {ACCESS_DATA: _IQ}
 
 
@@ -634,6 +738,10 @@ class Decoder:
                 msg_type,
                 "data length %d disagrees with the frame's %d" % (count, data_length),
             )
+        if isinstance(fields[0], bytes) and not is_lease_id(fields[0]):
+            self._discard_left = data_length
+            self._drop_discarded()
+            raise _not_an_id(msg_type)
         self.payload_left = data_length
         offset = fields[1] if len(fields) > 1 else 0
         return DataFrame(msg_type, fields[0], offset, data_length)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, List
 
@@ -38,6 +39,7 @@ from tests.helpers import (
     CLIENT,
     SERVER,
     TIMEOUT,
+    UUID_PATTERN,
     ServerProcess,
     client_for,
     closed_by_peer,
@@ -51,6 +53,10 @@ from tests.helpers import (
     server_thread,
     wait_for,
 )
+
+
+def b(value: object) -> bytes:
+    return str(value).encode()
 
 # Protocol: golden bytes from original-wire-format.md, and the incremental decoder.
 
@@ -92,19 +98,23 @@ def test_decoders_read_the_original_bytes():
     assert replies.next_message() is None
 
 
+SOME_UUID = bytes.fromhex("0b8e6c1a5d8f4e0c9a472f1d3c5b7e90")
 ALL_REQUESTS = [
     protocol.Lease(1024, 5000),
     protocol.SetData(7, b"\x00\xffdata"),
     protocol.AccessData(7),
-    protocol.Release(7),
-    protocol.Renew(7, 60000),
-    protocol.Write(7, 5, b"xyz"),
-    protocol.Read(7, 2, -1),
+    protocol.Release(protocol.short_form(7)),
+    protocol.Renew(SOME_UUID, 60000),
+    protocol.Write(SOME_UUID, 5, b"xyz"),
+    protocol.Read(protocol.short_form(7), 2, -1),
+    protocol.Replace(SOME_UUID, b"abc"),
+    protocol.Grant(1024, 5000),
     protocol.Stats(),
     protocol.Auth(b"s3cret"),
 ]
 ALL_REPLIES = [
     protocol.Leased(-1),
+    protocol.Granted(SOME_UUID),
     protocol.Data(7, b"abc\x00"),
     protocol.Data(7, b""),
     protocol.DataSet(protocol.OUT_OF_RANGE),
@@ -275,7 +285,9 @@ def test_the_seed_session_through_the_cli():
     with server_process("2048") as server:
         out = run_cli("lease", "1024", "5000", port=server.port)
         assert out.returncode == 0, out
-        match = re.fullmatch(rb"You have leased 1024 bytes for 5000 MS with id (\d+)\n", out.stdout)
+        match = re.fullmatch(
+            rb"You have leased 1024 bytes for 5000 MS with id (%s)\n" % UUID_PATTERN, out.stdout
+        )
         assert match, out.stdout
         lease_id = match.group(1).decode()
         out = run_cli("set", lease_id, "this is some text", port=server.port)
@@ -284,10 +296,11 @@ def test_the_seed_session_through_the_cli():
         assert out.returncode == 0
         assert out.stdout == b"Data get for lease %s: this is some text\n" % lease_id.encode()
         log = server.output()
+        logged = lease_id[:8] + r"-\.\.\."  # the log shows a UUID by its first 8 digits
         for command, result in (
-            ("lease 1024 bytes for 5000 ms", "id " + lease_id),
-            (r"set %s \(18 bytes\)" % lease_id, "ok"),
-            ("get " + lease_id, "1024 bytes"),
+            ("grant 1024 bytes for 5000 ms", "id " + logged),
+            (r"write %s \(18 bytes\)" % logged, "ok"),
+            (r"read %s \(to the end\)" % logged, "1024 bytes"),
         ):
             assert re.search(r"INFO 127\.0\.0\.1:\d+ %s -> %s\n" % (command, result), log), log
 
@@ -339,7 +352,7 @@ def test_cli_too_long_set_reports_the_status():
         lease_id = client.lease(8)
         out = run_cli("set", str(lease_id), "much more than eight bytes", port=server.port)
         assert out.returncode == 1
-        assert out.stdout.startswith(b"Error: unable set for lease %d (-2)\nreason: " % lease_id)
+        assert out.stdout.startswith(b"Error: unable set for lease %s (-2)\nreason: " % b(lease_id))
 
 
 @pytest.mark.parametrize(
@@ -393,7 +406,10 @@ def test_cli_binary_file_raw_get_ranges_renew_release_stats(tmp_path):
     path.write_bytes(blob)
     with server_process() as server:
         lease_id = (
-            re.search(rb"id (\d+)", run_cli("lease", "512", "60000", port=server.port).stdout)
+            re.search(
+                rb"id (%s)" % UUID_PATTERN,
+                run_cli("lease", "512", "60000", port=server.port).stdout,
+            )
             .group(1)
             .decode()
         )
@@ -514,7 +530,7 @@ def test_warns_without_a_token_on_a_public_address():
 def test_lease_ids_are_positive_and_unique():
     with server_thread(1 << 16) as server, client_for(server) as client:
         ids = [client.lease(32, 60000) for _ in range(200)]
-        assert len(set(ids)) == 200 and min(ids) > 0 and max(ids) <= 2**31 - 1
+        assert len(set(ids)) == 200 and all(lease_id.version == 4 for lease_id in ids)
 
 
 @pytest.mark.parametrize(
@@ -729,16 +745,16 @@ def test_a_hundred_pipelined_requests_are_answered_in_order():
     with server_thread() as server, client_for(server) as client:
         ids = [client.lease(32, 60000) for _ in range(50)]
         frames = b"".join(
-            protocol.SetData(lease_id, b"n=%d" % n).encode()
-            + protocol.AccessData(lease_id).encode()
+            protocol.Write(lease_id.bytes, 0, b"n=%d" % n).encode()
+            + protocol.Read(lease_id.bytes, 0, -1).encode()
             for n, lease_id in enumerate(ids)
         )
         with connect(server) as sock:
             replies = exchange(sock, frames, 100)
         assert len(replies) == 100
-        for n, lease_id in enumerate(ids):
+        for n in range(len(ids)):
             assert replies[2 * n] == protocol.DataSet(protocol.OK)
-            assert replies[2 * n + 1] == protocol.Data(lease_id, (b"n=%d" % n).ljust(32, b"\0"))
+            assert replies[2 * n + 1] == protocol.Data(0, (b"n=%d" % n).ljust(32, b"\0"))
 
 
 def test_the_api_pipeline_batches_calls():
@@ -752,7 +768,8 @@ def test_the_api_pipeline_batches_calls():
         assert results[0::2] == [None] * 100
         with client.pipeline() as pipe:
             results = pipe.get(lease_id, 0, 1).get(999).lease(32).execute(raise_on_error=False)
-        assert results[0] == b"0" and isinstance(results[1], LeaseNotFound) and results[2] > 0
+        assert results[0] == b"0" and isinstance(results[1], LeaseNotFound)
+        assert isinstance(results[2], uuid.UUID)
         with pytest.raises(LeaseNotFound):
             client.pipeline().get(999).execute()
 
@@ -771,7 +788,7 @@ def test_a_half_sent_frame_does_not_delay_another_client():
     with server_process() as server, connect(server) as stalled:
         stalled.sendall(protocol.Lease(64, 1000).encode()[:7])
         with MemLeaseClient("127.0.0.1", server.port, timeout=1.0) as client:
-            assert client.lease(64) > 0
+            assert isinstance(client.lease(64), uuid.UUID)
 
 
 def test_one_request_per_connection_like_the_original_client():
@@ -823,9 +840,9 @@ def test_max_frame_option_refuses_larger_values_and_the_connection_goes_on():
         lease_id = client.lease(1 << 19)
         with connect(server) as sock:
             for size in (100, 300_000):  # buffered whole, and streamed past the server
-                replies = exchange(sock, protocol.SetData(lease_id, bytes(size)).encode())
+                replies = exchange(sock, protocol.Write(lease_id.bytes, 0, bytes(size)).encode())
                 assert replies == [protocol.DataSet(protocol.TOO_LARGE)]
-            replies = exchange(sock, protocol.SetData(lease_id, b"fits").encode())
+            replies = exchange(sock, protocol.Write(lease_id.bytes, 0, b"fits").encode())
             assert replies == [protocol.DataSet(protocol.OK)]
 
 
@@ -865,7 +882,8 @@ def test_a_bad_message_gets_an_error_reply_and_the_connection_goes_on(frame, sta
             replies = exchange(sock, frame + protocol.Lease(64, 1000).encode(), 2)
             assert replies[0] == protocol.Error(status, msg_type)
             assert isinstance(replies[1], protocol.Leased) and replies[1].lease_id > 0
-            assert exchange(sock, protocol.Release(replies[1].lease_id).encode()) == [
+            release = protocol.Release(protocol.short_form(replies[1].lease_id))
+            assert exchange(sock, release.encode()) == [
                 protocol.DataSet(0)
             ]
         assert_still_serving(server)
@@ -887,11 +905,12 @@ def test_failed_writes_change_nothing():
         lease_id = client.lease(64, 60000)
         client.set(lease_id, b"A" * 64)
         with connect(server) as sock:
+            wide = lease_id.bytes
             frames = [
-                protocol.SetData(lease_id, b"B" * 65).encode(),
-                protocol.Write(lease_id, 60, b"B" * 5).encode(),
-                protocol.Write(lease_id, -1, b"B").encode(),
-                struct.pack("<iqiq", protocol.SET_DATA, 12 + 10, lease_id, 11) + b"B" * 10,
+                protocol.Replace(wide, b"B" * 65).encode(),
+                protocol.Write(wide, 60, b"B" * 5).encode(),
+                protocol.Write(wide, -1, b"B").encode(),
+                struct.pack("<iq16sqq", protocol.WRITE, 32 + 10, wide, 0, 11) + b"B" * 10,
             ]
             replies = exchange(sock, b"".join(frames), 4)
         assert [r.status for r in replies] == [
@@ -908,10 +927,10 @@ def test_disconnecting_mid_frame_and_mid_reply_harms_nobody():
         lease_id = client.lease(32 << 20, 60000)
         for _ in range(5):
             sock = connect(server)
-            sock.sendall(protocol.SetData(lease_id, bytes(1000)).encode()[:500])
+            sock.sendall(protocol.Write(lease_id.bytes, 0, bytes(1000)).encode()[:500])
             sock.close()
             sock = connect(server)
-            sock.sendall(protocol.AccessData(lease_id).encode() * 3)
+            sock.sendall(protocol.Read(lease_id.bytes, 0, -1).encode() * 3)
             sock.close()  # leaves 96 MiB of replies unread
         assert wait_for(lambda: server.stats()["connections"] == 1)
         client.release(lease_id)
@@ -1001,7 +1020,8 @@ def test_unread_replies_do_not_pile_up_in_the_server():
             lease_id = client.lease(1 << 20, 60000)
         baseline = rss_mib(server.proc.pid)
         with connect(server) as greedy:
-            greedy.sendall(protocol.AccessData(lease_id).encode() * 400)  # 400 MiB of replies
+            whole = protocol.Read(lease_id.bytes, 0, -1).encode()
+            greedy.sendall(whole * 400)  # 400 MiB of replies
             peak = baseline
             for _ in range(50):
                 peak = max(peak, rss_mib(server.proc.pid))
@@ -1040,7 +1060,7 @@ def token_env() -> dict:
 
 def test_without_a_token_no_auth_is_needed():
     with server_thread() as server, client_for(server, token=None) as client:
-        assert client.lease(32) > 0
+        assert isinstance(client.lease(32), uuid.UUID)
 
 
 def test_with_a_token_only_the_right_one_gets_in():
@@ -1099,4 +1119,4 @@ def test_ipv6_loopback():
     except OSError:
         pytest.skip("no IPv6 loopback here")
     with server_thread(host="::1") as server, client_for(server) as client:
-        assert client.lease(32) > 0
+        assert isinstance(client.lease(32), uuid.UUID)

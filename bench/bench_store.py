@@ -67,11 +67,13 @@ class Pipe:
             self.decoder.feed(data)
         return replies
 
-    def lease_ids(self, frames: Sequence[bytes]) -> List[int]:
-        ids = [reply.lease_id for reply in self.exchange(frames)]  # type: ignore[attr-defined]
-        if min(ids) <= 0:
-            raise RuntimeError("the server refused a lease: %d" % min(ids))
-        return ids
+    def lease_ids(self, frames: Sequence[bytes]) -> List[bytes]:
+        """The ids of the leases that Grant ``frames`` asked for."""
+        replies = self.exchange(frames)
+        refused = [reply for reply in replies if not isinstance(reply, protocol.Granted)]
+        if refused:
+            raise RuntimeError("the server refused a lease: %r" % (refused[0],))
+        return [reply.lease_id for reply in replies]  # type: ignore[attr-defined]
 
     def stats(self) -> "dict[str, int]":
         return self.exchange([protocol.Stats().encode()])[0].stats  # type: ignore[attr-defined,no-any-return]
@@ -159,11 +161,11 @@ def metadata_and_growth(scale: Scale) -> Tuple[str, str]:
     with running_server(pool) as server:
         pipe = Pipe(server.port)
         before = server.rss()
-        probe_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]  # the first lease
+        probe_id = pipe.lease_ids([protocol.Grant(32, HOUR_MS).encode()])[0]  # the first lease
         prober = Prober(server.port, protocol.Read(probe_id, 0, 1).encode())
         began = time.perf_counter()
         for n in _batches(scale.leases - 1):
-            pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()] * n)
+            pipe.lease_ids([protocol.Grant(32, HOUR_MS).encode()] * n)
         took = time.perf_counter() - began
         samples = prober.finish()
         stats = pipe.stats()
@@ -214,14 +216,14 @@ def expiry_storm(leases: int, target_ms: int) -> str:
     """Leases timed to expire in one instant; the probe's worst round trip from then on."""
     with running_server(max(2 * leases * 32, 1 << 20)) as server:
         pipe = Pipe(server.port)
-        probe_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]
+        probe_id = pipe.lease_ids([protocol.Grant(32, HOUR_MS).encode()])[0]
         # Each batch's duration ends at the same moment, with time to send them all first.
         instant = time.monotonic() + 2.0 + leases / 20_000
         for n in _batches(leases):
             left_ms = int((instant - time.monotonic()) * 1000)
             if left_ms < 500:
                 raise RuntimeError("the leases took too long to create to expire together")
-            pipe.lease_ids([protocol.Lease(32, left_ms).encode()] * n)
+            pipe.lease_ids([protocol.Grant(32, left_ms).encode()] * n)
         prober = Prober(server.port, protocol.Read(probe_id, 0, 1).encode())
         time.sleep(max(0.0, instant - time.monotonic()))
         since = time.perf_counter()
@@ -245,7 +247,7 @@ def expiry_storm(leases: int, target_ms: int) -> str:
 def renews_of_one_lease(renews: int) -> str:
     with running_server(1 << 20) as server:
         pipe = Pipe(server.port)
-        lease_id = pipe.lease_ids([protocol.Lease(32, HOUR_MS).encode()])[0]
+        lease_id = pipe.lease_ids([protocol.Grant(32, HOUR_MS).encode()])[0]
         pipe.exchange([protocol.Renew(lease_id, HOUR_MS).encode()] * BATCH)  # warm up
         before = server.rss()
         for n in _batches(renews):
@@ -258,7 +260,7 @@ def renews_of_one_lease(renews: int) -> str:
 def lease_release_pairs(pairs: int) -> str:
     with running_server(1 << 20) as server:
         pipe = Pipe(server.port)
-        lease = protocol.Lease(32, HOUR_MS).encode()
+        lease = protocol.Grant(32, HOUR_MS).encode()
 
         def cycle(n: int) -> None:
             ids = pipe.lease_ids([lease] * n)

@@ -19,6 +19,7 @@ from memlease import picture
 from memlease.cluster import (
     MemLeaseCluster,
     parse_handle,
+    parse_lease_id,
     parse_server,
     parse_servers,
     same_server,
@@ -201,9 +202,9 @@ def _host(text: str) -> str:
 
 
 def _lease_ref(text: str) -> str:
-    """A lease id, or a cluster's server/id handle; checked against the host when run."""
-    number = text.rsplit("/", 1)[-1]
-    if not number.isdigit() or not 0 < int(number) <= protocol.INT32_MAX:
+    """A lease id (a UUID, or a short id's number), or a cluster's server/id handle;
+    checked against the host when run."""
+    if parse_lease_id(text.rsplit("/", 1)[-1]) is None:
         raise argparse.ArgumentTypeError("%r is not a lease id" % text)
     return text
 
@@ -483,7 +484,7 @@ def _lease_key(client: Leases, text: str) -> LeaseKey:
     if not isinstance(client, MemLeaseClient):
         return text
     if "/" not in text:
-        return int(text)
+        return parse_lease_id(text)
     try:
         handle = parse_handle(text)
     except InvalidArgument as exc:

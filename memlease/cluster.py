@@ -1,9 +1,9 @@
 """Several MemoryLease servers used as one, placed from the client side.
 
 cluster = MemLeaseCluster(["a:412", "b:412", "c:412"])
-handle = cluster.lease(1024, 5000)      # LeaseHandle; str(handle) == "b:412/123"
+handle = cluster.lease(1024, 5000)      # LeaseHandle; str(handle) == "b:412/<the UUID>"
 cluster.set(handle, b"hello")
-cluster.get("b:412/123")                # a handle or its text
+cluster.get(str(handle))                # a handle or its text (b:412/123 for a short id)
 
 The server chooses lease ids, so no key can be hashed to a server: each new lease is
 placed (two random live servers, the one with more free bytes) and its handle carries
@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from typing import (
     Any,
     Dict,
@@ -63,13 +64,14 @@ _LARGEST_NOT_SUM = frozenset({"uptime", "largest_free_block"})
 
 
 class LeaseHandle(NamedTuple):
-    """A lease and the server that holds it; its text is ``host:port/id``."""
+    """A lease and the server that holds it; its text is ``host:port/id``: the id's UUID
+    text, or a short id's number."""
 
     server: str
-    lease_id: int
+    lease_id: Union[uuid.UUID, int]
 
     def __str__(self) -> str:
-        return "%s/%d" % (self.server, self.lease_id)
+        return "%s/%s" % (self.server, self.lease_id)
 
 
 Handle = Union[LeaseHandle, str]
@@ -108,9 +110,25 @@ def parse_servers(text: str, default_port: int = DEFAULT_PORT) -> List[str]:
 def parse_handle(text: str) -> LeaseHandle:
     """``host:port/id`` back into a LeaseHandle."""
     server, slash, id_text = text.strip().rpartition("/")
-    if not slash or not id_text.isdigit() or not 0 < int(id_text) < 2**31:
-        raise InvalidArgument("lease handle %r is not host:port/ID, e.g. a:412/123" % text)
-    return LeaseHandle(address_text(*parse_server(server)), int(id_text))
+    lease_id = parse_lease_id(id_text) if slash else None
+    if lease_id is None:
+        raise InvalidArgument(
+            "lease handle %r is not host:port/ID, e.g. a:412/%s or a:412/123" % (text, _EXAMPLE_ID)
+        )
+    return LeaseHandle(address_text(*parse_server(server)), lease_id)
+
+
+_EXAMPLE_ID = "0b8e6c1a-5d8f-4e0c-9a47-2f1d3c5b7e90"
+
+
+def parse_lease_id(text: str) -> Optional[Union[uuid.UUID, int]]:
+    """A lease id's text: a UUID, or a short id's number; None when it is neither."""
+    if text.isdigit():
+        return int(text) if 0 < int(text) <= protocol.INT32_MAX else None
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -271,7 +289,7 @@ class MemLeaseCluster:
         """Calls sent together, one batch per server; results in call order."""
         return ClusterPipeline(self)
 
-    def _locate(self, handle: Handle) -> Tuple[_Server, int]:
+    def _locate(self, handle: Handle) -> Tuple[_Server, Union[uuid.UUID, int]]:
         if isinstance(handle, str):
             handle = parse_handle(handle)
         elif not isinstance(handle, LeaseHandle):

@@ -47,15 +47,18 @@ class Service:
         token: Optional[bytes] = None,
         tenants: Optional[security.Tenants] = None,
         allow: Optional[security.AllowList] = None,
+        short_ids: bool = True,
     ) -> None:
         self.store = store
+        # Whether the original's id-bearing messages are served (see --no-short-ids).
+        self.short_ids = short_ids
         self.max_data = max_data  # larger writes are read, dropped and answered TOO_LARGE
         # Who may connect: the tenants' tokens; with none, the peers in ``allow``.
         if tenants is None and token is not None:
             tenants = security.Tenants.single(token)
         self.tenants = tenants
         self.allow = allow or security.AllowList.parse(security.LOOPBACK)
-        self.auth_failures = security.RateLimiter(security.AUTH_FAILURES_PER_MINUTE)
+        self.wrong_tokens = security.Backoff()
         self.guessers = security.RateLimiter(security.GUESSING_CLOSES_PER_MINUTE)
         self.warnings = security.LogLimiter(log)
         self.log_requests = log.isEnabledFor(logging.INFO)
@@ -68,7 +71,7 @@ class Service:
                 "bytes_received",
                 "bytes_sent",
                 "auth_failures",
-                "auth_refused_unchecked",  # over the source's limit: the token was not compared
+                "auth_answers_delayed",  # wrong tokens answered late: the source kept guessing
                 "connections_closed_guessing",
                 "connections_refused_guessing",
                 "connections_refused_protected",
@@ -80,7 +83,7 @@ class Service:
         # Unfinished uploads may hold as much as the pool, and 64 MiB at least.
         self.staging = StagingBuffers(max(store.capacity, 64 << 20))
         # lease id -> connections whose write waits until that lease's stream has gone
-        self.waiting: Dict[int, List[Connection]] = {}
+        self.waiting: Dict[bytes, List[Connection]] = {}
         self._started = time.monotonic()
 
     def stats(self, tenant: Optional[int]) -> Dict[str, int]:
@@ -135,7 +138,7 @@ class Service:
         """Log a warning, unless ``peer``'s host already had its share of this kind."""
         self.warnings.warning(kind, security.source_of(peer), message, *args)
 
-    def stream_sent(self, lease_id: int) -> None:
+    def stream_sent(self, lease_id: bytes) -> None:
         """A reply streamed from ``lease_id``'s block has gone: once none is left, the
         writes waiting for it go on, in the order they came."""
         waiters = self.waiting.get(lease_id)
@@ -145,7 +148,7 @@ class Service:
         for conn in waiters:
             conn.stream_done()
 
-    def stop_waiting(self, lease_id: int, conn: "Connection") -> None:
+    def stop_waiting(self, lease_id: bytes, conn: "Connection") -> None:
         waiters = self.waiting.get(lease_id, [])
         if conn in waiters:
             waiters.remove(conn)
@@ -214,7 +217,8 @@ class Connection:
         self.input_done = False  # nothing more is read; close once all is answered
         self.output_size = 0
         self.answered = 0  # requests answered so far
-        self.misses = 0  # of them, for lease ids that do not exist (or not this tenant's)
+        self.misses = 0  # of them, for short lease ids that do not exist (or not this tenant's)
+        self.held_until = 0.0  # time.monotonic() before which no reply may be sent
         self._decoder = protocol.request_decoder()
         self._out: Deque[Tuple[Buffer, Optional[Pin]]] = collections.deque()
         self._small = bytearray()  # small replies, joined until they are sent
@@ -222,7 +226,7 @@ class Connection:
         self._paused = False  # requests wait in the decoder until the output drains
         self._views_queued = 0  # replies queued as views of the pool, not yet sent
         self._yielded = False  # requests wait in the decoder for the next turn
-        self._waiting_on: Optional[int] = None  # a write waits for this lease's stream
+        self._waiting_on: Optional[bytes] = None  # a write waits for this lease's stream
         self._held: Any = None  # the small write that waits (a large one is self._upload)
         self.wake: Callable[[], None] = _nothing  # the loop's: come back to this connection
 
@@ -412,7 +416,7 @@ class Connection:
         the answer in the log (None: the status says it all)."""
         self.answered += 1
         self.service.requests[msg_type, status] += 1
-        if status == protocol.NOT_FOUND and msg_type != protocol.LEASE:
+        if status == protocol.NOT_FOUND and _names_short_id(request):
             self.misses += 1
             if security.guessing(self.misses, self.answered):
                 self._close_guessing()
@@ -438,33 +442,70 @@ class Connection:
         self.output_size += len(view)
 
     def _lease(self, message: protocol.Lease) -> None:
-        tenant = self.tenant or 0
-        quota = self.service.quota(tenant)
-        lease_id = self.store.lease(message.size, message.duration_ms, tenant, quota)
-        reply = protocol.Leased(lease_id)
-        if lease_id != protocol.OVER_QUOTA:
-            self._finish(protocol.LEASE, message, reply, min(lease_id, 0))
+        if not self.service.short_ids:
+            self._refuse_short(message, protocol.Leased(protocol.SHORT_IDS_OFF))
             return
-        self._reply(reply.encode())  # logged with the figures the tenant needs
-        held = self.store.tenant_usage(tenant)[0]
+        tenant = self.tenant or 0
+        granted = self.store.lease(
+            message.size, message.duration_ms, tenant, self.service.quota(tenant), short_id=True
+        )
+        if granted == protocol.OVER_QUOTA:
+            self._refuse_quota(protocol.LEASE, message, protocol.Leased(granted).encode())
+        elif isinstance(granted, int):
+            self._finish(protocol.LEASE, message, protocol.Leased(granted), granted)
+        else:
+            reply = protocol.Leased(self.store.short_id(granted))
+            self._finish(protocol.LEASE, message, reply, protocol.OK)
+
+    def _grant(self, message: protocol.Grant) -> None:
+        tenant = self.tenant or 0
+        granted = self.store.lease(
+            message.size, message.duration_ms, tenant, self.service.quota(tenant)
+        )
+        if granted == protocol.OVER_QUOTA:
+            self._refuse_quota(protocol.GRANT, message, protocol.STATUS_REPLIES[granted])
+        elif isinstance(granted, int):
+            self._status(protocol.GRANT, message, granted)
+        else:
+            self._finish(protocol.GRANT, message, protocol.Granted(granted), protocol.OK)
+
+    def _refuse_quota(self, msg_type: int, message: Any, reply: bytes) -> None:
+        """Answer a lease over the tenant's quota, logged with the figures it needs."""
+        tenant = self.tenant or 0
+        self._reply(reply)
         self._account(
-            protocol.LEASE,
+            msg_type,
             message,
-            lease_id,
+            protocol.OVER_QUOTA,
             "refused (over the quota of tenant %s: quota %s, held %s, asked %s)"
             % (
                 self.service.tenant_name(tenant),
-                format_size(quota),
-                format_size(held),
+                format_size(self.service.quota(tenant)),
+                format_size(self.store.tenant_usage(tenant)[0]),
                 format_size(message.size),
             ),
         )
 
+    def _refuse_short(self, request: Any, reply: protocol.Reply) -> None:
+        """Answer one of the original's id-bearing messages on a server without short ids."""
+        self.service.warn(
+            "short-ids",
+            self.peer,
+            "%s sent a C++ client's %s: refused, the server runs with --no-short-ids",
+            self.peer,
+            protocol.TYPE_NAMES[_type_of(request)],
+        )
+        self._finish(_type_of(request), request, reply, protocol.SHORT_IDS_OFF)
+
     def _set(self, message: protocol.SetData) -> None:
-        if self._must_wait(message.lease_id):
+        if not self.service.short_ids:
+            self._refuse_short(message, protocol.DataSet(protocol.SHORT_IDS_OFF))
+            return
+        key = protocol.short_form(message.lease_id)
+        if self._must_wait(key):
             self._held = message
             return
-        status = self._write_data(message.lease_id, 0, message.data, zero_rest=False)
+        status = self._write_data(key, 0, message.data, zero_rest=False)
         self._status(protocol.SET_DATA, message, status)
 
     def _replace(self, message: protocol.Replace) -> None:
@@ -481,7 +522,7 @@ class Connection:
         status = self._write_data(message.lease_id, message.offset, message.data, zero_rest=False)
         self._status(protocol.WRITE, message, status)
 
-    def _must_wait(self, lease_id: int) -> bool:
+    def _must_wait(self, lease_id: bytes) -> bool:
         """Whether a write to the lease must wait: its bytes are being sent from the pool
         (to another connection: this one sends a stream before it reads on).  If so, the
         connection waits, in order, until Service.stream_sent calls stream_done."""
@@ -496,39 +537,50 @@ class Connection:
         self.store.unpin(pin)
         self.service.stream_sent(pin.lease_id)
 
-    def _write_data(self, lease_id: int, offset: int, data: Buffer, zero_rest: bool) -> int:
+    def _write_data(self, lease_id: bytes, offset: int, data: Buffer, zero_rest: bool) -> int:
         if len(data) > self.service.max_data:
             return protocol.TOO_LARGE
         return self.store.write(lease_id, offset, data, self.tenant or 0, zero_rest)
 
     def _access(self, message: protocol.AccessData) -> None:
-        status, view = self.store.read(message.lease_id, 0, -1, self.tenant or 0)
+        if message.lease_id == protocol.PROBE_ID:  # a client asks which server this is
+            reply = protocol.Data(protocol.PROBE_ID, protocol.PROBE_TEXT)
+            self._finish(protocol.ACCESS_DATA, message, reply, protocol.OK)
+            return
+        if not self.service.short_ids:
+            error = protocol.Error(protocol.SHORT_IDS_OFF, protocol.ACCESS_DATA)
+            self._refuse_short(message, error)
+            return
+        key = protocol.short_form(message.lease_id)
+        status, view = self.store.read(key, 0, -1, self.tenant or 0)
         if status != protocol.OK:  # the original answers an unknown lease with no data
             reply = protocol.Data(message.lease_id, b"")
             self._finish(protocol.ACCESS_DATA, message, reply, protocol.NOT_FOUND)
             return
-        self._send_data(protocol.ACCESS_DATA, message, message.lease_id, view)
+        self._send_data(protocol.ACCESS_DATA, message, message.lease_id, key, view)
 
     def _read(self, message: protocol.Read) -> None:
-        status, view = self.store.read(
-            message.lease_id, message.offset, message.length, self.tenant or 0
-        )
+        key = message.lease_id
+        status, view = self.store.read(key, message.offset, message.length, self.tenant or 0)
         if status != protocol.OK:
             self._status(protocol.READ, message, status)
             return
-        self._send_data(protocol.READ, message, message.lease_id, view)
+        self._send_data(protocol.READ, message, self.store.short_id(key), key, view)
 
-    def _send_data(self, msg_type: int, request: object, lease_id: int, view: memoryview) -> None:
-        """Answer with a Data reply: small data copied into the output, large data sent
-        from the pool, whose block stays pinned until then."""
+    def _send_data(
+        self, msg_type: int, request: object, reply_id: int, key: bytes, view: memoryview
+    ) -> None:
+        """Answer with a Data reply carrying ``reply_id``: small data copied into the
+        output, large data sent from the pool, whose block (the lease ``key``) stays
+        pinned until then."""
         length = len(view)
-        self._small += protocol.data_head(lease_id, length)
+        self._small += protocol.data_head(reply_id, length)
         self.output_size += protocol.DATA_HEAD_SIZE
         if length < protocol.STREAM_MIN:
             self._small += view
             self.output_size += length
         else:
-            self._reply_view(view, self.store.pin(lease_id))
+            self._reply_view(view, self.store.pin(key))
         self._account(msg_type, request, protocol.OK, view)
 
     def _renew(self, message: protocol.Renew) -> None:
@@ -559,23 +611,19 @@ class Connection:
 
     def _auth(self, message: protocol.Auth) -> None:
         service = self.service
-        source = security.source_of(self.peer)
-        if not service.auth_failures.allowed(source):  # guessing: not even compared
-            tenant = None
-            service.counters["auth_refused_unchecked"] += 1
+        tenant = service.authenticate(message.token)  # always compared: the right one gets in
+        if tenant is None:
+            delay = service.wrong_tokens.failed(security.source_of(self.peer))
+            if delay:  # its host keeps guessing: the answer waits, and this connection with it
+                service.counters["auth_answers_delayed"] += 1
+                self.held_until = time.monotonic() + delay
             service.warn(
                 "auth",
                 self.peer,
-                "%s refused unchecked: over %d wrong tokens a minute from its host; closing",
+                "%s presented a wrong token; closing%s",
                 self.peer,
-                security.AUTH_FAILURES_PER_MINUTE,
+                " after %.2fs" % delay if delay else "",
             )
-        else:
-            tenant = service.authenticate(message.token)
-            if tenant is None:
-                service.auth_failures.take(source)
-                service.warn("auth", self.peer, "%s presented a wrong token; closing", self.peer)
-        if tenant is None:
             service.counters["auth_failures"] += 1
             self._status(protocol.AUTH, message, protocol.UNAUTHORIZED)
             self.tenant = None
@@ -611,11 +659,15 @@ class Connection:
     def _begin_upload(self, frame: protocol.DataFrame) -> None:
         """A large write's fixed fields are here: stage its data, or skip it and answer."""
         buffer = None
+        if isinstance(frame.lease_id, int) and not self.service.short_ids:
+            self._decoder.skip_payload()
+            self._refuse_short(frame, protocol.DataSet(protocol.SHORT_IDS_OFF))
+            return
         if frame.length > self.service.max_data:
             status = protocol.TOO_LARGE
         else:
             status = self.store.check_write(
-                frame.lease_id, frame.offset, frame.length, self.tenant or 0
+                _key(frame.lease_id), frame.offset, frame.length, self.tenant or 0
             )
         if status == protocol.OK:
             buffer = self.service.staging.take(frame.length)
@@ -638,10 +690,10 @@ class Connection:
         if self._decoder.payload_left:
             return False
         frame = upload.frame
-        if self._must_wait(frame.lease_id):
+        if self._must_wait(_key(frame.lease_id)):
             return False  # whole: it lands from here once the stream has gone
         status = self.store.write(
-            frame.lease_id,
+            _key(frame.lease_id),
             frame.offset,
             upload.view,
             self.tenant or 0,
@@ -659,6 +711,20 @@ class Connection:
 
 def _nothing() -> None:
     """Nothing to wake: a connection driven by hand."""
+
+
+def _key(lease_id: Union[int, bytes]) -> bytes:
+    """The 16 bytes that name a lease, from a request's id of either size."""
+    return protocol.short_form(lease_id) if isinstance(lease_id, int) else lease_id
+
+
+def _names_short_id(request: object) -> bool:
+    """Whether a request names a lease by a short id, which can be guessed: a miss on a
+    version 4 UUID is somebody's lease that ended, never a guess that came close."""
+    lease_id = getattr(request, "lease_id", None)
+    if isinstance(lease_id, bytes):
+        return protocol.short_id_in(lease_id) is not None
+    return lease_id is not None
 
 
 def _first(items: Deque[Tuple[Buffer, Optional[Pin]]], n: int) -> List[Tuple[Buffer, Any]]:
@@ -680,8 +746,8 @@ def _type_of(request: Any) -> int:
 def _describe_request(msg_type: int, request: Any) -> str:
     """A request in words for the log: its command and what it asks."""
     name = protocol.TYPE_NAMES[msg_type]
-    if isinstance(request, protocol.Lease):
-        return "lease %d bytes for %d ms" % (request.size, request.duration_ms)
+    if isinstance(request, (protocol.Lease, protocol.Grant)):
+        return "%s %d bytes for %d ms" % (name, request.size, request.duration_ms)
     if isinstance(request, protocol.DataFrame):
         return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, (protocol.SetData, protocol.Replace, protocol.Write)):
@@ -689,14 +755,22 @@ def _describe_request(msg_type: int, request: Any) -> str:
     if isinstance(request, protocol.Read):
         return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, protocol.Renew):
-        return "%s %d for %d ms" % (name, request.lease_id, request.duration_ms)
+        return "%s %s for %d ms" % (name, _logged_id(request.lease_id), request.duration_ms)
     lease_id = getattr(request, "lease_id", None)
-    return name if lease_id is None else "%s %d" % (name, lease_id)
+    return name if lease_id is None else "%s %s" % (name, _logged_id(lease_id))
 
 
-def _span(name: str, lease_id: int, length: int, offset: int) -> str:
+def _span(name: str, lease_id: Union[int, bytes], length: int, offset: int) -> str:
     where = " at %d" % offset if offset else ""
-    return "%s %d (%d bytes%s)" % (name, lease_id, length, where)
+    amount = "to the end" if length < 0 else "%d bytes" % length  # a Read's -1
+    return "%s %s (%s%s)" % (name, _logged_id(lease_id), amount, where)
+
+
+def _logged_id(lease_id: Union[int, bytes]) -> str:
+    """An id as the log shows it: a UUID only by its first 8 digits, since whoever holds
+    the whole of it holds the lease, and logs are read by more people than leases are."""
+    text = protocol.id_text(lease_id)
+    return text if len(text) < 36 else text[:8] + "-..."
 
 
 def _describe(reply: object, status: int) -> str:
@@ -704,6 +778,8 @@ def _describe(reply: object, status: int) -> str:
     the words already."""
     if isinstance(reply, str):
         return reply
+    if isinstance(reply, protocol.Granted):
+        return "id %s" % _logged_id(reply.lease_id)
     if isinstance(reply, protocol.Leased):
         if reply.lease_id > 0:
             return "id %d" % reply.lease_id
@@ -714,8 +790,8 @@ def _describe(reply: object, status: int) -> str:
         if len(reply) >= protocol.STREAM_MIN:
             return "%d bytes, sent from the pool" % len(reply)
         return "%d bytes" % len(reply)
-    if isinstance(reply, protocol.Data):
-        return "not found"  # a Data reply with data is described by its view
+    if isinstance(reply, protocol.Data):  # a Data reply with lease data is described by its view
+        return "%d bytes" % len(reply.data) if reply.data else "not found"
     if isinstance(reply, protocol.StatsReply):
         return "%d counters" % len(reply.stats)
     if isinstance(reply, protocol.PoolMapReply):
@@ -736,4 +812,5 @@ _ANSWERS: Dict[type, Callable[[Connection, Any], None]] = {
     protocol.PoolMap: Connection._pool_map,
     protocol.Auth: Connection._auth,
     protocol.DataFrame: Connection._begin_upload,
+    protocol.Grant: Connection._grant,
 }

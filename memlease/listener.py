@@ -86,6 +86,7 @@ class Channel:
         "timer",
         "closed",
         "resuming",
+        "hold_timer",
     )
 
     def __init__(self, server: "MemLeaseServer", sock: socket.socket, peer: Peer) -> None:
@@ -105,6 +106,7 @@ class Channel:
         self.handshaking = self.tls
         self.closed = False
         self.resuming = False  # a resume() of the connection is due on the next turn
+        self.hold_timer: Optional[Timer] = None  # ends the connection's held_until
         self.timer: Timer = self.loop.call_later(server.idle_timeout, self._check_timeouts)
         self.conn.wake = self._come_back
 
@@ -194,6 +196,8 @@ class Channel:
     def update(self) -> None:
         """Send what can be sent, then wait for what this connection needs next."""
         conn = self.conn
+        if conn.held_until and self._held():
+            return
         if conn.output_size and not self._flush():
             return
         if self.closed or self.lingering:  # lingering: only _linger reads, nothing is sent
@@ -212,6 +216,24 @@ class Channel:
         if not (self.resuming or self.closed):
             self.resuming = True
             self.loop.call_soon(self._resume)
+
+    def _held(self) -> bool:
+        """Whether the replies must wait (a wrong token's answer is slowed): then nothing is
+        read or sent until a timer of the loop, never a sleep, ends the hold."""
+        if self.closed or self.conn.held_until <= self.loop.clock():
+            self.conn.held_until = 0.0
+            return False
+        self._set_reading(False)
+        self._set_writing(False)
+        if self.hold_timer is None:
+            self.hold_timer = self.loop.call_at(self.conn.held_until, self._end_hold)
+        return True
+
+    def _end_hold(self) -> Optional[float]:
+        self.hold_timer = None
+        if not self.closed:
+            self.update()
+        return None
 
     def _resume(self) -> None:
         self.resuming = False
@@ -308,6 +330,8 @@ class Channel:
         self.closed = True
         self.loop.forget(self.fd)
         self.loop.cancel(self.timer)
+        if self.hold_timer is not None:
+            self.loop.cancel(self.hold_timer)
         self.sock.close()
         self.conn.close()
         self.server.channel_closed(self)

@@ -23,7 +23,7 @@ REQUEST_SECONDS = 5.0  # a scrape must be asked and answered within this
 MAX_CLIENTS = 64  # scrapes at once; past this the oldest idle one makes room (see _accept)
 ACCEPT_BATCH = 16
 
-# A status as a label value; a refused lease (Leased -1) has its own word.
+# A status as a label value; a refused lease (Leased, or Grant's DataSet, -1) has its own word.
 STATUS_LABELS = {
     protocol.OK: "ok",
     protocol.NOT_FOUND: "not_found",
@@ -35,6 +35,7 @@ STATUS_LABELS = {
     protocol.MALFORMED: "malformed",
     protocol.FRAME_TOO_LARGE: "frame_too_large",
     protocol.BUSY: "busy",
+    protocol.SHORT_IDS_OFF: "short_ids_off",
 }
 
 # (metric, type, help, stats key) for each figure taken straight from the stats.
@@ -81,7 +82,7 @@ _PLAIN: Tuple[Tuple[str, str, str, str], ...] = (
 
 
 def status_label(command: str, status: int) -> str:
-    if command == "lease" and status == protocol.NO_MEMORY:
+    if command in ("lease", "grant") and status == protocol.NO_MEMORY:
         return "no_memory"
     return STATUS_LABELS.get(status, str(status))
 

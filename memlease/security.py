@@ -4,8 +4,10 @@ Each part answers one attack on a server that parses bytes from the network:
 
 - :class:`Tenants` -- who may connect, and as whom: a lease is seen only by its tenant.
 - :class:`AllowList` -- with no token at all, only these peers are served (protected mode).
-- :class:`RateLimiter` -- so many events a minute per source, in a bounded table: token
-  guessing and lease-id guessing get slow.
+- :class:`RateLimiter` -- so many events a minute per source, in a bounded table:
+  guessing short lease ids gets slow.
+- :class:`Backoff` -- a growing delay per source: guessing tokens gets slow, while the
+  right token from the same source is still answered at once.
 - :class:`LogLimiter` -- one peer cannot flood the log: repeats become "N more suppressed".
 - :func:`server_tls_context` and :func:`drop_privileges` -- encryption, and no root while serving.
 """
@@ -29,7 +31,10 @@ from memlease.units import parse_size
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 LOOPBACK = "127.0.0.0/8,::1"
-AUTH_FAILURES_PER_MINUTE = 10  # wrong tokens a source may try before it is refused unheard
+MIN_TOKEN_BYTES = 16  # shorter tokens can be guessed: the server refuses to start with one
+WRONG_TOKENS_FREE = 3  # wrong tokens a source may present in a minute, answered at once
+WRONG_TOKEN_FIRST_DELAY = 0.05  # seconds before the answer to the next; each later one doubles
+WRONG_TOKEN_MAX_DELAY = 10.0
 GUESSING_CLOSES_PER_MINUTE = 10  # connections closed for guessing ids before a source waits
 GUESS_MIN_MISSES = 100  # lease-id misses a connection may have before its ratio is judged
 GUESS_MISS_PERCENT = 90  # misses above this share of its requests mean it is guessing
@@ -44,6 +49,7 @@ class Tenant(NamedTuple):
     number: int  # the store's tenant number: see tenant_number
     max_bytes: int  # 0: no quota
     digest: bytes  # SHA-256 of the token: equal lengths make the comparison constant-time
+    token_length: int
 
 
 class Tenants:
@@ -67,7 +73,7 @@ class Tenants:
             if digest in digests:
                 raise ValueError("tenant %r has the token of another tenant" % name)
             digests.add(digest)
-            self._tenants[number] = Tenant(name, number, max_bytes, digest)
+            self._tenants[number] = Tenant(name, number, max_bytes, digest, len(token))
         self.one_token = False  # True: one token shared by all, not a file of tenants
         self.source = ""  # how they were read, for the log: set by load_tenants
 
@@ -123,6 +129,10 @@ class Tenants:
                 found = tenant.number
         return found
 
+    def token_lengths(self) -> List[Tuple[str, int]]:
+        """Each tenant's name and its token's length in bytes."""
+        return [(tenant.name, tenant.token_length) for tenant in self._tenants.values()]
+
     def quota(self, number: int) -> int:
         """The most block bytes tenant ``number`` may hold at once; 0 means no limit."""
         tenant = self._tenants.get(number)
@@ -134,6 +144,24 @@ class Tenants:
 
     def __len__(self) -> int:
         return len(self._tenants)
+
+
+def check_token_lengths(tenants: Tenants, source: str) -> None:
+    """Refuse tokens shorter than MIN_TOKEN_BYTES: a token is the only secret a client
+    needs, and a short one falls to guessing (raises ValueError, fit for one line)."""
+    short = [name for name, length in tenants.token_lengths() if length < MIN_TOKEN_BYTES]
+    if short:
+        raise ValueError(
+            "%s: the token%s of %s %s shorter than %d bytes, short enough to guess: "
+            "use long random tokens, e.g. from 'openssl rand -hex 16'"
+            % (
+                source,
+                "s" if len(short) > 1 else "",
+                ", ".join(short),
+                "are" if len(short) > 1 else "is",
+                MIN_TOKEN_BYTES,
+            )
+        )
 
 
 def _digest(token: bytes) -> bytes:
@@ -163,6 +191,7 @@ def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenan
             return None
         tenants = Tenants.single(token.encode())
         tenants.source = "token: one, from $MEMLEASE_TOKEN"
+        check_token_lengths(tenants, "$MEMLEASE_TOKEN")
         return tenants
     with open(path, "rb") as file:
         data = file.read(TOKEN_FILE_LIMIT + 1)  # /dev/zero, say, must not fill the memory
@@ -179,6 +208,7 @@ def load_tenants(path: Optional[str], environ: Dict[str, str]) -> Optional[Tenan
         if tenants.one_token
         else "%d tenant%s" % (len(tenants), "" if len(tenants) == 1 else "s"),
     )
+    check_token_lengths(tenants, "the token file %s" % path)
     return tenants
 
 
@@ -312,6 +342,59 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Backoff:
+    """A delay per key that grows with its failures in a window of ``period`` seconds.
+
+    The first ``free`` failures cost nothing, then each waits twice as long as the one
+    before, from ``first`` up to ``most`` seconds.  The table holds at most ``max_keys``
+    keys (a finished window is as good as no entry); past that, new keys share one entry.
+    """
+
+    SHARED = RateLimiter.SHARED
+
+    def __init__(
+        self,
+        free: int = WRONG_TOKENS_FREE,
+        first: float = WRONG_TOKEN_FIRST_DELAY,
+        most: float = WRONG_TOKEN_MAX_DELAY,
+        period: float = 60.0,
+        *,
+        max_keys: int = LIMITER_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free = free
+        self.first = first
+        self.most = most
+        self.period = period
+        self.max_keys = max_keys
+        self.clock = clock
+        self._windows: Dict[str, Tuple[float, int]] = {}  # key -> (window start, failures)
+
+    def failed(self, key: str) -> float:
+        """Count a failure of ``key``; the seconds its answer is to wait."""
+        now = self.clock()
+        key = self._key(key, now)
+        start, failures = self._windows.get(key, (now, 0))
+        if now - start >= self.period:
+            start, failures = now, 0
+        failures += 1
+        self._windows[key] = (start, failures)
+        if failures <= self.free:
+            return 0.0
+        return min(self.first * 2.0 ** min(failures - self.free - 1, 64), self.most)
+
+    def _key(self, key: str, now: float) -> str:
+        windows = self._windows
+        if key in windows or len(windows) < self.max_keys:
+            return key
+        for old in [k for k, (start, _) in windows.items() if now - start >= self.period]:
+            del windows[old]
+        return key if len(windows) < self.max_keys else self.SHARED
+
+    def __len__(self) -> int:
+        return len(self._windows)
 
 
 def guessing(misses: int, requests: int) -> bool:

@@ -9,10 +9,13 @@ ended lease is never seen, nor its memory withheld, while the reaper catches up.
 
 A million small leases must stay cheap, so a lease is not an object: its fields live in
 parallel arrays (unboxed machine integers), kept in the order of a binary heap on the
-deadline, so the table is its own expiry queue and holds exactly the live leases.  Ids
-are random, and an id is chosen only when its low bits name an empty slot of the index,
-so the index needs no probing and doubles by a copy in C.  Deadlines are integer
-milliseconds since the store began, on its monotonic clock.
+deadline, so the table is its own expiry queue and holds exactly the live leases.  A
+lease's id is a random version 4 UUID (16 bytes, kept as two 64-bit halves); a lease
+made by the original's Lease message also has a short id (see memlease.ids).  An id is
+chosen only when its low bits name an empty slot of its index, so an index needs no
+probing and doubles by a copy in C.  Deadlines are integer milliseconds since the store
+began, on its monotonic clock.  Every method names a lease by its 16 bytes: a UUID's,
+or a short id's form (protocol.short_form).
 
 With ``state_file`` the pool is a shared mapping of that file (put it on tmpfs, such as
 /dev/shm), and ``save()`` writes the lease table beside it, so a restarted server takes
@@ -24,7 +27,6 @@ import fcntl
 import gc
 import mmap
 import os
-import secrets
 import stat
 import struct
 import sys
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 import protocol
 from buddy import BuddyAllocator
+from memlease import ids
 
 COUNTERS = (
     "leases_granted",
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
 else:
     Column = array
 _FIRST_INDEX_SLOTS = 64
+_SHORT_HIGHEST = 0xFFFFFFFF  # a 16-byte id whose halves are 0 and at most this is a short id
 # When the tree has grown by this many split nodes (and as many leaves) since its low
 # point, the store moves every object the collector tracks into its permanent generation:
 # a full collection then walks only what is newer, so it never pauses long over millions
@@ -196,13 +200,15 @@ class _CleanStart(Exception):
 
 
 # The lease table saved beside the pool file on a graceful stop, all little-endian:
-# a header, then one column per field (ids, tenants, sizes, offsets, deadlines as
-# wall-clock milliseconds), then a CRC-32 of everything before it.
+# a header (with the short ids' key and count, so none comes back), then one column per
+# field (the UUIDs' halves, short ids, tenants, sizes, offsets, deadlines as wall-clock
+# milliseconds), then a CRC-32 of everything before it.  Version 1 had 4-byte ids only.
 TABLE_SUFFIX = ".leases"
 _TABLE_MAGIC = b"MLEASES\n"
-_TABLE_VERSION = 1
-_TABLE_HEADER = struct.Struct("<8sIQIqQ")  # magic, version, pool bytes, min block, saved at, n
-_TABLE_COLUMNS = "iqqqq"
+_TABLE_VERSION = 2
+# magic, version, pool bytes, min block, saved at, n, short ids' key, short ids issued
+_TABLE_HEADER = struct.Struct("<8sIQIqQ%dsQ" % ids.KEY_SIZE)
+_TABLE_COLUMNS = "QQqqqqq"
 _TABLE_CRC = struct.Struct("<I")
 _TABLE_BYTES_PER_LEASE = sum(array(code).itemsize for code in _TABLE_COLUMNS)
 
@@ -247,7 +253,7 @@ class Pin:
 
     __slots__ = ("offset", "lease_id")
 
-    def __init__(self, offset: int, lease_id: int) -> None:
+    def __init__(self, offset: int, lease_id: bytes) -> None:
         self.offset = offset
         self.lease_id = lease_id
 
@@ -256,13 +262,18 @@ class LeaseStore:
     """The leases of one pool, each a block of it, for a duration; owned by one thread."""
 
     # The lease table: one column a field, in heap order of the deadline.
-    _ids: Column
+    _highs: Column  # the UUID's first 8 bytes, big-endian
+    _lows: Column  # its last 8: random below the variant bits, so they key the index
+    _shorts: Column  # the short id, 0 for none
     _tenants: Column
     _sizes: Column  # as asked for; the block is the next power of two
     _offsets: Column
     _deadlines: Column  # milliseconds since the store began
-    _index: Column  # id & _mask -> position of that lease, if its id matches
+    _index: Column  # low half & _mask -> position of that lease, if its id matches
     _mask: int
+    _short_index: Column  # short id & _short_mask -> position, as _index
+    _short_mask: int
+    _short_count: int  # live leases with a short id
     _tenant_bytes: Dict[int, int]
     _tenant_leases: Dict[int, int]
 
@@ -299,8 +310,19 @@ class LeaseStore:
 
     # The requests.
 
-    def lease(self, size: int, duration_ms: int, tenant: int = 0, quota: int = 0) -> int:
-        """A new lease id, or a negative status when refused."""
+    def lease(
+        self,
+        size: int,
+        duration_ms: int,
+        tenant: int = 0,
+        quota: int = 0,
+        short_id: bool = False,
+    ) -> Union[bytes, int]:
+        """A new lease's 16-byte id, or a negative status when refused.
+
+        With ``short_id`` the lease also gets a short id (see ``short_id``), for the
+        original's messages.
+        """
         status = self._refusal(size, duration_ms, tenant, quota)
         offset = -1
         if status == protocol.OK:
@@ -308,18 +330,29 @@ class LeaseStore:
             offset = self.allocator.take(order)
             if offset < 0:
                 offset = self._reclaim_for(order)
+        short = 0
+        if offset >= 0 and short_id:
+            short = self._new_short_id()
+            if not short:  # every short id has been given: none may come back
+                self.allocator.release(offset, self.allocator.order_for(size))
+                offset = -1
         if offset < 0:
             self.counters["leases_refused"] += 1
             return status or protocol.NO_MEMORY
-        lease_id = self._new_id()
+        high, low = self._new_id()
         self.memory.zero(offset, self._block(size))
-        self._add(lease_id, tenant, size, offset, self._now() + duration_ms)
+        self._add(high, low, short, tenant, size, offset, self._now() + duration_ms)
         self.counters["leases_granted"] += 1
         if self.allocator.split_blocks - self._gc_floor >= FREEZE_STEP:
             self._freeze()
-        return lease_id
+        return ids.HALVES.pack(high, low)
 
-    def check_write(self, lease_id: int, offset: int, length: int, tenant: int = 0) -> int:
+    def short_id(self, lease_id: bytes) -> int:
+        """The lease's short id; 0 when it has none, or there is no such lease."""
+        pos = self._position(lease_id)
+        return self._shorts[pos] if pos >= 0 else 0
+
+    def check_write(self, lease_id: bytes, offset: int, length: int, tenant: int = 0) -> int:
         """The status a write of ``length`` bytes at ``offset`` would get now; changes nothing."""
         pos = self._find(lease_id, tenant)
         if pos < 0 or self._deadlines[pos] <= self._now():
@@ -327,7 +360,7 @@ class LeaseStore:
         return self._write_status(pos, offset, length)
 
     def write(
-        self, lease_id: int, offset: int, data: Bytes, tenant: int = 0, zero_rest: bool = False
+        self, lease_id: bytes, offset: int, data: Bytes, tenant: int = 0, zero_rest: bool = False
     ) -> int:
         """Write all of ``data`` at ``offset``, or nothing; returns a status.
 
@@ -348,7 +381,7 @@ class LeaseStore:
         return status
 
     def read(
-        self, lease_id: int, offset: int = 0, length: int = -1, tenant: int = 0
+        self, lease_id: bytes, offset: int = 0, length: int = -1, tenant: int = 0
     ) -> Tuple[int, memoryview]:
         """A status and a view of the lease's bytes; a length of -1 reads to the end.
 
@@ -366,7 +399,7 @@ class LeaseStore:
         start = self._offsets[pos] + offset
         return protocol.OK, self._view[start : start + length]
 
-    def pin(self, lease_id: int) -> Pin:
+    def pin(self, lease_id: bytes) -> Pin:
         """Keep the lease's block from being zeroed or reused until ``unpin(token)``.
 
         Call it right after a successful read, while the reply is still to be sent.
@@ -378,7 +411,7 @@ class LeaseStore:
         self._pins[offset] = self._pins.get(offset, 0) + 1
         return Pin(offset, lease_id)
 
-    def streaming(self, lease_id: int) -> bool:
+    def streaming(self, lease_id: bytes) -> bool:
         """Whether the live lease's bytes are pinned, being sent: a write must wait for them."""
         if not self._pins:
             return False
@@ -400,7 +433,7 @@ class LeaseStore:
         if order is not None:
             self._free_block(offset, order)
 
-    def renew(self, lease_id: int, duration_ms: int, tenant: int = 0) -> int:
+    def renew(self, lease_id: bytes, duration_ms: int, tenant: int = 0) -> int:
         """Give a live lease ``duration_ms`` from now; returns a status."""
         if duration_ms <= 0:
             return protocol.INVALID
@@ -411,12 +444,19 @@ class LeaseStore:
         deadline = self._now() + duration_ms
         self._widen_deadlines(deadline)
         self._settle(
-            pos, lease_id, self._tenants[pos], self._sizes[pos], self._offsets[pos], deadline
+            pos,
+            self._highs[pos],
+            self._lows[pos],
+            self._shorts[pos],
+            self._tenants[pos],
+            self._sizes[pos],
+            self._offsets[pos],
+            deadline,
         )
         self.counters["leases_renewed"] += 1
         return protocol.OK
 
-    def release(self, lease_id: int, tenant: int = 0) -> int:
+    def release(self, lease_id: bytes, tenant: int = 0) -> int:
         """End a lease now; its memory is zeroed and returned.  Returns a status."""
         pos = self._live(lease_id, tenant)
         if pos < 0:
@@ -450,7 +490,7 @@ class LeaseStore:
         For a request that must show the free blocks as they are (the pool map): its cost
         is the reaper's own work for those leases, done at once.
         """
-        done = self.expire_due(len(self._ids))
+        done = self.expire_due(len(self._lows))
         self.counters["leases_reclaimed"] += done
         return done
 
@@ -487,7 +527,7 @@ class LeaseStore:
             "pool_bytes": self.capacity,
             "free_bytes": self.allocator.free_bytes + ended_bytes,
             "largest_free_block": largest,
-            "live_leases": len(self._ids) - sum(ended.values()),
+            "live_leases": len(self._lows) - sum(ended.values()),
             "metadata_bytes": self.metadata_bytes(),
             "fragmentation": protocol.fragmentation(self.allocator.free_bytes, largest),
         }
@@ -565,12 +605,15 @@ class LeaseStore:
     def metadata_bytes(self) -> int:
         """An estimate of the memory the bookkeeping takes, beside the pool itself."""
         tables = (
-            self._ids,
+            self._highs,
+            self._lows,
+            self._shorts,
             self._tenants,
             self._sizes,
             self._offsets,
             self._deadlines,
             self._index,
+            self._short_index,
         )
         dicts = (self._tenant_bytes, self._tenant_leases, self._pins, self._unpinned_frees)
         return (
@@ -597,9 +640,13 @@ class LeaseStore:
                 self.capacity,
                 self._min_block,
                 self._now() + shift,
-                len(self._ids),
+                len(self._lows),
+                self._short_ids.key,
+                self._short_ids.issued,
             ),
-            _column_bytes("i", self._ids),
+            _column_bytes("Q", self._highs),
+            _column_bytes("Q", self._lows),
+            _column_bytes("q", self._shorts),
             _column_bytes("q", self._tenants),
             _column_bytes("q", self._sizes),
             _column_bytes("q", self._offsets),
@@ -653,19 +700,30 @@ class LeaseStore:
             return protocol.OUT_OF_RANGE
         return protocol.OK
 
-    def _position(self, lease_id: int) -> int:
+    def _position(self, lease_id: bytes) -> int:
         """The heap position of the lease, or -1."""
-        pos = self._index[lease_id & self._mask]
-        if 0 <= pos < len(self._ids) and self._ids[pos] == lease_id:
+        high: int
+        low: int
+        high, low = ids.HALVES.unpack(lease_id)
+        if not high and low <= _SHORT_HIGHEST:
+            return self._short_position(low)
+        pos = self._index[low & self._mask]
+        if 0 <= pos < len(self._lows) and self._lows[pos] == low and self._highs[pos] == high:
             return pos
         return -1
 
-    def _find(self, lease_id: int, tenant: int) -> int:
+    def _short_position(self, short: int) -> int:
+        pos = self._short_index[short & self._short_mask]
+        if short and 0 <= pos < len(self._shorts) and self._shorts[pos] == short:
+            return pos
+        return -1
+
+    def _find(self, lease_id: bytes, tenant: int) -> int:
         """The position of the tenant's lease, or -1: another tenant's lease is not found."""
         pos = self._position(lease_id)
         return pos if pos >= 0 and self._tenants[pos] == tenant else -1
 
-    def _live(self, lease_id: int, tenant: int) -> int:
+    def _live(self, lease_id: bytes, tenant: int) -> int:
         """Like _find, but a lease whose deadline has passed is expired now and not found."""
         pos = self._find(lease_id, tenant)
         if pos >= 0 and self._deadlines[pos] <= self._now():
@@ -674,35 +732,63 @@ class LeaseStore:
             return -1
         return pos
 
-    def _new_id(self) -> int:
-        """A random id whose index slot is free, so ids never share a slot."""
-        while 2 * (len(self._ids) + 1) > len(self._index):
+    def _new_id(self) -> Tuple[int, int]:
+        """A random UUID whose index slot is free, so ids never share a slot (nor are equal
+        to a live lease's)."""
+        while 2 * (len(self._lows) + 1) > len(self._index):
             self._grow_index()
         while True:
-            lease_id = secrets.randbelow(protocol.INT32_MAX) + 1
-            if not self._slot_taken(lease_id):
-                return lease_id
+            high, low = ids.random_uuid()
+            if not self._slot_taken(low):
+                return high, low
 
-    def _slot_taken(self, lease_id: int) -> bool:
-        """Whether a live lease's id has the same low bits as ``lease_id``."""
+    def _new_short_id(self) -> int:
+        """The next short id whose slot is free (the others are skipped for good); 0 when
+        none is left."""
+        while 2 * (self._short_count + 1) > len(self._short_index):
+            self._grow_short_index()
+        while True:
+            short = self._short_ids.next()
+            if not short or not self._short_slot_taken(short):
+                return short
+
+    def _slot_taken(self, low: int) -> bool:
+        """Whether a live lease's id has the same low bits as ``low``."""
         mask = self._mask
-        pos = self._index[lease_id & mask]
-        return 0 <= pos < len(self._ids) and self._ids[pos] & mask == lease_id & mask
+        pos = self._index[low & mask]
+        return 0 <= pos < len(self._lows) and self._lows[pos] & mask == low & mask
+
+    def _short_slot_taken(self, short: int) -> bool:
+        """Whether a live lease's short id has the same low bits as ``short``."""
+        mask = self._short_mask
+        pos = self._short_index[short & mask]
+        return 0 <= pos < len(self._shorts) and self._shorts[pos] & mask == short & mask
 
     def _grow_index(self) -> None:
         """Double the index by a copy: each id keeps its slot, and the copy reads as empty."""
         self._index = self._index * 2
         self._mask = 2 * self._mask + 1
 
-    def _add(self, lease_id: int, tenant: int, size: int, offset: int, deadline: int) -> None:
+    def _grow_short_index(self) -> None:
+        """Double the short ids' index, as _grow_index does."""
+        self._short_index = self._short_index * 2
+        self._short_mask = 2 * self._short_mask + 1
+
+    def _add(
+        self, high: int, low: int, short: int, tenant: int, size: int, offset: int, deadline: int
+    ) -> None:
         self._table_changed()
         self._widen_deadlines(deadline)
-        self._ids.append(lease_id)
+        self._highs.append(high)
+        self._lows.append(low)
+        self._shorts = _appended(self._shorts, short)
         self._tenants = _appended(self._tenants, tenant)
         self._sizes = _appended(self._sizes, size)
         self._offsets.append(offset)
         self._deadlines.append(deadline)
-        self._settle(len(self._ids) - 1, lease_id, tenant, size, offset, deadline)
+        if short:
+            self._short_count += 1
+        self._settle(len(self._lows) - 1, high, low, short, tenant, size, offset, deadline)
         block = 1 << self.allocator.order_for(size)
         self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + block
         self._tenant_leases[tenant] = self._tenant_leases.get(tenant, 0) + 1
@@ -711,19 +797,25 @@ class LeaseStore:
         """Take the lease at ``pos`` out of the table and free its block (unless pinned)."""
         if self._table_saved:
             self._table_changed()
-        ids = self._ids
-        lease_id = ids[pos]
+        short = self._shorts[pos]
         tenant = self._tenants[pos]
         size = self._sizes[pos]
         offset = self._offsets[pos]
-        self._index[lease_id & self._mask] = -1
-        last_id = ids.pop()
-        last_tenant = self._tenants.pop()
-        last_size = self._sizes.pop()
-        last_offset = self._offsets.pop()
-        last_deadline = self._deadlines.pop()
-        if pos < len(ids):
-            self._settle(pos, last_id, last_tenant, last_size, last_offset, last_deadline)
+        self._index[self._lows[pos] & self._mask] = -1
+        if short:
+            self._short_index[short & self._short_mask] = -1
+            self._short_count -= 1
+        last = (
+            self._highs.pop(),
+            self._lows.pop(),
+            self._shorts.pop(),
+            self._tenants.pop(),
+            self._sizes.pop(),
+            self._offsets.pop(),
+            self._deadlines.pop(),
+        )
+        if pos < len(self._lows):
+            self._settle(pos, *last)
         order = self.allocator.order_for(size)
         block = 1 << order
         leases = self._tenant_leases[tenant] - 1
@@ -748,7 +840,15 @@ class LeaseStore:
         self._gc_floor = min(self._gc_floor, self.allocator.split_blocks)
 
     def _settle(
-        self, pos: int, lease_id: int, tenant: int, size: int, offset: int, deadline: int
+        self,
+        pos: int,
+        high: int,
+        low: int,
+        short: int,
+        tenant: int,
+        size: int,
+        offset: int,
+        deadline: int,
     ) -> None:
         """Put a lease into the hole at ``pos``, moving it up or down into heap order."""
         deadlines = self._deadlines
@@ -760,7 +860,7 @@ class LeaseStore:
             self._move_row(parent, pos)
             pos = parent
         if pos == start:
-            count = len(self._ids)
+            count = len(self._lows)
             while True:
                 child = 2 * pos + 1
                 if child >= count:
@@ -771,21 +871,29 @@ class LeaseStore:
                     break
                 self._move_row(child, pos)
                 pos = child
-        self._ids[pos] = lease_id
+        self._highs[pos] = high
+        self._lows[pos] = low
+        self._shorts[pos] = short
         self._tenants[pos] = tenant
         self._sizes[pos] = size
         self._offsets[pos] = offset
         deadlines[pos] = deadline
-        self._index[lease_id & self._mask] = pos
+        self._index[low & self._mask] = pos
+        if short:
+            self._short_index[short & self._short_mask] = pos
 
     def _move_row(self, source: int, target: int) -> None:
         """Copy the lease at heap position ``source`` to ``target``, and index it there."""
-        lease_id = self._ids[target] = self._ids[source]
+        self._highs[target] = self._highs[source]
+        low = self._lows[target] = self._lows[source]
+        short = self._shorts[target] = self._shorts[source]
         self._tenants[target] = self._tenants[source]
         self._sizes[target] = self._sizes[source]
         self._offsets[target] = self._offsets[source]
         self._deadlines[target] = self._deadlines[source]
-        self._index[lease_id & self._mask] = target
+        self._index[low & self._mask] = target
+        if short:
+            self._short_index[short & self._short_mask] = target
 
     def _table_changed(self) -> None:
         """A saved table no longer matches once the leases change: remove it."""
@@ -796,13 +904,19 @@ class LeaseStore:
     def _start_empty(self) -> None:
         self.allocator = BuddyAllocator(self._pool_size, self._min_block)
         self.capacity = self.allocator.capacity
-        self._ids = array("i")
-        self._tenants = array("b")  # narrow until a value needs more: see _appended
+        self._highs = array("Q")
+        self._lows = array("Q")
+        self._shorts = array("b")  # narrow until a value needs more: see _appended
+        self._tenants = array("b")
         self._sizes = array("H")
         self._offsets = array("I" if self.capacity < 1 << 32 else "Q")
         self._deadlines = array("I")  # the heap's key; see _widen_deadlines
         self._index = array("i", [-1]) * _FIRST_INDEX_SLOTS  # id & mask -> position
         self._mask = _FIRST_INDEX_SLOTS - 1
+        self._short_index = array("i", [-1]) * _FIRST_INDEX_SLOTS
+        self._short_mask = _FIRST_INDEX_SLOTS - 1
+        self._short_count = 0
+        self._short_ids = ids.ShortIds()  # a new key: a clean start is a new life
         self._tenant_bytes = {}
         self._tenant_leases = {}
 
@@ -818,7 +932,9 @@ class LeaseStore:
             return "first start with %s: an empty pool" % state_file
         wall_now = int(self._wall_clock() * 1000)
         try:
-            columns = self._read_table(self._table_path, self.memory.found_size, wall_now)
+            columns, self._short_ids = self._read_table(
+                self._table_path, self.memory.found_size, wall_now
+            )
             expired = self._take_back(columns, wall_now)
         except _CleanStart as doubt:
             self._start_empty()
@@ -832,12 +948,14 @@ class LeaseStore:
             if block > size:
                 self.memory.zero(offset + size, block - size)
         return "restored %d leases from %s (%d more had expired while it was stopped)" % (
-            len(self._ids),
+            len(self._lows),
             state_file,
             expired,
         )
 
-    def _read_table(self, path: str, pool_file_size: int, wall_now: int) -> "List[array[int]]":
+    def _read_table(
+        self, path: str, pool_file_size: int, wall_now: int
+    ) -> "Tuple[List[array[int]], ids.ShortIds]":
         most = (
             _TABLE_HEADER.size
             + self.capacity // self._min_block * _TABLE_BYTES_PER_LEASE
@@ -860,12 +978,13 @@ class LeaseStore:
             raise _CleanStart("the lease table is larger than any table of this pool")
         if len(data) < _TABLE_HEADER.size + _TABLE_CRC.size or data[:8] != _TABLE_MAGIC:
             raise _CleanStart("the lease table is not one (too short, or a wrong magic number)")
-        _, version, pool, min_block, saved_at, count = _TABLE_HEADER.unpack_from(data)
+        version = _TABLE_HEADER.unpack_from(data)[1]
         if version != _TABLE_VERSION:
             raise _CleanStart(
                 "the lease table has version %d, this server reads version %d"
                 % (version, _TABLE_VERSION)
             )
+        _, _, pool, min_block, saved_at, count, key, issued = _TABLE_HEADER.unpack_from(data)
         size = _TABLE_HEADER.size + count * _TABLE_BYTES_PER_LEASE + _TABLE_CRC.size
         if len(data) != size:
             raise _CleanStart("the lease table is %d bytes, not %d" % (len(data), size))
@@ -890,25 +1009,32 @@ class LeaseStore:
             end = start + count * array(typecode).itemsize
             columns.append(_column(typecode, view[start:end]))
             start = end
-        return columns
+        return columns, ids.ShortIds(key, issued)
 
     def _take_back(self, columns: "List[array[int]]", wall_now: int) -> int:
         """Put each saved lease with time left back in its own block; returns the expired."""
         now = self._now()
         expired = 0
-        for lease_id, tenant, size, offset, deadline in zip(*columns):
+        for high, low, short, tenant, size, offset, deadline in zip(*columns):
             if deadline <= wall_now:
                 expired += 1
                 continue
-            if not (0 < lease_id <= protocol.INT32_MAX and 0 < size <= self.capacity):
+            if not (
+                ids.is_uuid4(high, low)
+                and 0 <= short <= ids.SHORT_ID_MAX
+                and 0 < size <= self.capacity
+            ):
                 raise _CleanStart("the lease table holds an impossible lease")
-            if self._position(lease_id) >= 0:
-                raise _CleanStart("the lease table holds lease %d twice" % lease_id)
+            lease_id = ids.HALVES.pack(high, low)
+            if self._position(lease_id) >= 0 or (short and self._short_position(short) >= 0):
+                raise _CleanStart("the lease table holds a lease twice")
             if not self.allocator.claim(offset, self.allocator.order_for(size)):
                 raise _CleanStart("saved leases overlap, or lie outside the pool")
-            while self._slot_taken(lease_id):
+            while self._slot_taken(low):
                 self._grow_index()  # saved ids were apart in a larger index
-            self._add(lease_id, tenant, size, offset, now + deadline - wall_now)
+            while short and self._short_slot_taken(short):
+                self._grow_short_index()
+            self._add(high, low, short, tenant, size, offset, now + deadline - wall_now)
         return expired
 
     def _freeze(self) -> None:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER = str(ROOT / "memlease_server.py")
 CLIENT = str(ROOT / "memlease_client.py")
 TIMEOUT = 5.0
+UUID_PATTERN = rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
 
 # Helpers: servers, raw sockets and bounded waiting.

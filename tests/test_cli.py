@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -20,7 +21,7 @@ import pytest
 import protocol
 from memlease import picture
 from memlease_client import MemLeaseClient
-from tests.helpers import ServerProcess, server_process, server_thread
+from tests.helpers import UUID_PATTERN, ServerProcess, server_process, server_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = str(ROOT / "memlease_server.py")
@@ -66,14 +67,19 @@ def cli(
     )
 
 
-def lease(server: ServerProcess, size: int, duration_ms: int = 60000) -> int:
+def lease(server: ServerProcess, size: int, duration_ms: int = 60000) -> "uuid.UUID | int":
     with MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT) as client:
         return client.lease(size, duration_ms)
 
 
-def read(server: ServerProcess, lease_id: int) -> bytes:
+def read(server: ServerProcess, lease_id: object) -> bytes:
     with MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT) as client:
         return bytes(client.get(lease_id))
+
+
+def b(value: object) -> bytes:
+    """A lease id as the command line prints it."""
+    return str(value).encode()
 
 
 def outcome(out: "subprocess.CompletedProcess[bytes]") -> Tuple[int, Optional[bytes], bytes]:
@@ -86,16 +92,16 @@ def outcome(out: "subprocess.CompletedProcess[bytes]") -> Tuple[int, Optional[by
 def test_1_bytes_locale_and_full_device_never_give_a_traceback(server: ServerProcess) -> None:
     lease_id = lease(server, 32)
     out = cli("set", str(lease_id), b"\xff\xfeab", port=server.port)  # not UTF-8
-    assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data set for lease %s\n" % b(lease_id), b"")
     assert read(server, lease_id) == b"\xff\xfeab\0" + bytes(27)  # the shell's bytes
     out = cli("get", str(lease_id), port=server.port, env=environment(PYTHONIOENCODING="ascii"))
-    assert outcome(out) == (0, b"Data get for lease %d: \xff\xfeab\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data get for lease %s: \xff\xfeab\n" % b(lease_id), b"")
 
     text = "h\u00e9llo"
     assert cli("set", str(lease_id), text, port=server.port).returncode == 0
     ascii_c = environment(PYTHONIOENCODING="ascii", LANG="C", LC_ALL="C")
     out = cli("get", str(lease_id), port=server.port, env=ascii_c)
-    assert outcome(out) == (0, b"Data get for lease %d: h\xc3\xa9llo\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data get for lease %s: h\xc3\xa9llo\n" % b(lease_id), b"")
     out = cli("set", "5", "--file", "/nonexistent/f\u00efle", port=server.port, env=ascii_c)
     assert outcome(out) == (
         2,
@@ -172,8 +178,8 @@ def test_3_refusals_keep_the_seed_words_and_give_the_reason() -> None:
         out = cli("set", str(lease_id), "--file", "-", port=small.port, stdin=bytes(10 << 20))
         assert outcome(out) == (
             1,
-            b"Error: unable set for lease %d (-2)\n"
-            b"reason: 10 MiB do not fit in the lease's 1 KiB (-2)\n" % lease_id,
+            b"Error: unable set for lease %s (-2)\n"
+            b"reason: 10 MiB do not fit in the lease's 1 KiB (-2)\n" % b(lease_id),
             b"",
         )
 
@@ -192,7 +198,7 @@ def test_4_not_found_is_said_one_way_and_tokens_are_told_apart(server: ServerPro
         out = cli(*command, port=server.port)
         assert outcome(out) == (1, first + NOT_FOUND % lease_id, b""), command
 
-    with server_process("1M", env=environment(MEMLEASE_TOKEN="right")) as guarded:
+    with server_process("1M", env=environment(MEMLEASE_TOKEN="the-right-token-16+")) as guarded:
         out = cli("stats", port=guarded.port)
         assert outcome(out) == (
             1,
@@ -205,7 +211,7 @@ def test_4_not_found_is_said_one_way_and_tokens_are_told_apart(server: ServerPro
             b"",
             b"memlease_client.py: the server refused the token in MEMLEASE_TOKEN\n",
         )
-        out = cli("stats", port=guarded.port, env=environment(MEMLEASE_TOKEN="right"))
+        out = cli("stats", port=guarded.port, env=environment(MEMLEASE_TOKEN="the-right-token-16+"))
         assert out.returncode == 0 and b"pool_bytes 1048576\n" in out.stdout
 
 
@@ -217,13 +223,13 @@ def test_5_the_trailing_nul_is_named_with_the_sizes(server: ServerProcess) -> No
     out = cli("set", str(lease_id), "exactly16bytes!!", port=server.port)
     assert outcome(out) == (
         1,
-        b"Error: unable set for lease %d (-2)\n"
+        b"Error: unable set for lease %s (-2)\n"
         b"reason: 17 bytes with the trailing NUL the C++ client sends; the lease holds 16: "
-        b"use --file or --no-nul (-2)\n" % lease_id,
+        b"use --file or --no-nul (-2)\n" % b(lease_id),
         b"",
     )
     out = cli("set", str(lease_id), "exactly16bytes!!", "--no-nul", port=server.port)
-    assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data set for lease %s\n" % b(lease_id), b"")
     assert read(server, lease_id) == b"exactly16bytes!!"
     out = cli("set", str(lease_id), "twenty-one bytes long", port=server.port)
     assert out.stdout.endswith(
@@ -295,7 +301,8 @@ def test_7_options_anywhere_units_and_the_program_name(
     assert out.returncode == 0 and b"pool_bytes 1048576\n" in out.stdout
     out = cli("lease", "16K", "60000", port=server.port)
     assert out.returncode == 0
-    assert re.fullmatch(rb"You have leased 16384 bytes for 60000 MS with id \d+\n", out.stdout)
+    leased = rb"You have leased 16384 bytes for 60000 MS with id %s\n" % UUID_PATTERN
+    assert re.fullmatch(leased, out.stdout)
 
     installed = tmp_path / "memlease-client"  # as pip installs the command
     installed.write_text(
@@ -322,10 +329,10 @@ def test_8_set_file_keeps_the_tail_and_truncate_zeroes_it(
     assert cli("set", str(lease_id), "--file", str(path), port=server.port).returncode == 0
     path.write_bytes(b"hi")
     out = cli("set", str(lease_id), "--file", str(path), port=server.port)
-    assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data set for lease %s\n" % b(lease_id), b"")
     assert read(server, lease_id) == b"hillo world" + bytes(5)
     out = cli("set", str(lease_id), "--file", str(path), "--truncate", port=server.port)
-    assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data set for lease %s\n" % b(lease_id), b"")
     assert read(server, lease_id) == b"hi" + bytes(14)
     help_text = subprocess.run(
         [sys.executable, CLIENT, "--help"], capture_output=True, timeout=30
@@ -341,7 +348,8 @@ def test_a_host_list_is_a_cluster_whose_ids_name_their_server() -> None:
         hosts = "127.0.0.1:%d,127.0.0.1:%d" % (first.port, second.port)
         out = cli("lease", "1024", "5000", host=hosts)
         match = re.fullmatch(
-            rb"You have leased 1024 bytes for 5000 MS with id (127\.0\.0\.1:(\d+)/(\d+))\n",
+            rb"You have leased 1024 bytes for 5000 MS with id (127\.0\.0\.1:(\d+)/(%s))\n"
+            % UUID_PATTERN,
             out.stdout,
         )
         assert out.returncode == 0 and match, out
@@ -356,19 +364,19 @@ def test_a_host_list_is_a_cluster_whose_ids_name_their_server() -> None:
             b"",
         )
         holder = first if int(match.group(2)) == first.port else second
-        assert read(holder, int(match.group(3))).startswith(b"this is some text\0")
+        assert read(holder, match.group(3).decode()).startswith(b"this is some text\0")
         out = cli("get", "123", host=hosts)
         assert outcome(out) == (
             2,
             b"",
             b"memlease_client.py: usage error: lease handle '123' is not host:port/ID, "
-            b"e.g. a:412/123" + USAGE_HINT,
+            b"e.g. a:412/0b8e6c1a-5d8f-4e0c-9a47-2f1d3c5b7e90 or a:412/123" + USAGE_HINT,
         )
 
 
 def test_a_handle_is_served_by_any_spelling_of_its_server(server: ServerProcess) -> None:
     lease_id = lease(server, 64)
-    handle = "127.0.0.1:%d/%d" % (server.port, lease_id)
+    handle = "127.0.0.1:%d/%s" % (server.port, lease_id)
     for host in ("127.0.0.1:%d" % server.port, "localhost:%d" % server.port):
         out = cli("renew", handle, "60000", host=host)  # one server, named in the handle
         assert outcome(out) == (0, b"Lease %s renewed for 60000 MS\n" % handle.encode(), b"")
@@ -376,7 +384,7 @@ def test_a_handle_is_served_by_any_spelling_of_its_server(server: ServerProcess)
         hosts = "localhost:%d,127.0.0.1:%d" % (server.port, other.port)
         out = cli("renew", handle, "60000", host=hosts)  # the list spells it localhost
         assert outcome(out) == (0, b"Lease %s renewed for 60000 MS\n" % handle.encode(), b"")
-        out = cli("renew", "127.0.0.1:%d/%d" % (other.port, lease_id), "1", host="127.0.0.1")
+        out = cli("renew", "127.0.0.1:%d/%s" % (other.port, lease_id), "1", host="127.0.0.1")
         assert out.returncode == 2
         assert b"names the server 127.0.0.1:%d, not 127.0.0.1:412" % other.port in out.stderr
 
@@ -386,7 +394,7 @@ def test_a_host_may_name_its_port_and_the_port_word_is_every_servers_default(
 ) -> None:
     lease_id = lease(server, 64)
     named = cli("renew", str(lease_id), "60000", host="127.0.0.1:%d" % server.port)
-    assert outcome(named) == (0, b"Lease %d renewed for 60000 MS\n" % lease_id, b"")
+    assert outcome(named) == (0, b"Lease %s renewed for 60000 MS\n" % b(lease_id), b"")
     beaten = cli("stats", host="127.0.0.1:%d" % server.port, port=1)  # the host's port wins
     assert beaten.returncode == 0 and b"live_leases" in beaten.stdout, beaten
     for hosts in ("127.0.0.1,localhost", "127.0.0.1:%d,localhost" % server.port):
@@ -553,7 +561,7 @@ def test_a_large_lease_is_printed_whole_with_and_without_raw(server: ServerProce
     assert outcome(out) == (0, value, b"")
     out = cli("get", str(lease_id), port=server.port)
     text = value.split(b"\0", 1)[0]
-    assert outcome(out) == (0, b"Data get for lease %d: %s\n" % (lease_id, text), b"")
+    assert outcome(out) == (0, b"Data get for lease %s: %s\n" % (b(lease_id), text), b"")
 
 
 def test_set_takes_its_options_before_and_after_the_data(server: ServerProcess) -> None:
@@ -568,7 +576,7 @@ def test_set_takes_its_options_before_and_after_the_data(server: ServerProcess) 
         (["set", "--offset", "4", ident, "--no-nul", "--", "-x"], b"DATA-x" + bytes(2)),
     ):
         out = cli(*args, port=server.port)
-        assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b""), args
+        assert outcome(out) == (0, b"Data set for lease %s\n" % b(lease_id), b""), args
         assert read(server, lease_id) == after, args
     out = subprocess.run(
         [sys.executable, CLIENT, "--no-nul", "127.0.0.1", str(server.port), "set", ident, "Z"],
@@ -576,7 +584,7 @@ def test_set_takes_its_options_before_and_after_the_data(server: ServerProcess) 
         timeout=30,
         env=environment(),
     )
-    assert outcome(out) == (0, b"Data set for lease %d\n" % lease_id, b"")
+    assert outcome(out) == (0, b"Data set for lease %s\n" % b(lease_id), b"")
     assert read(server, lease_id) == b"ZATA-x" + bytes(2)
 
 
@@ -588,9 +596,9 @@ def test_a_value_over_the_frame_limit_is_not_blamed_on_the_lease(tmp_path: Path)
         out = cli("set", str(roomy), "--file", str(path), port=limited.port)
         assert outcome(out) == (
             1,
-            b"Error: unable set for lease %d (-2)\n"
+            b"Error: unable set for lease %s (-2)\n"
             b"reason: the server refuses a value of 100000 bytes: "
-            b"over its --max-frame limit (-2)\n" % roomy,
+            b"over its --max-frame limit (-2)\n" % b(roomy),
             b"",
         )
         out = cli("set", str(small), "--file", str(path), port=limited.port)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -150,7 +151,8 @@ def test_handles_as_text_and_the_cluster_pipeline():
     with servers(2) as two, MemLeaseCluster([s.name for s in two], timeout=TIMEOUT) as c:
         handle = c.lease(64, 60000)
         text = str(handle)
-        assert text == "%s/%d" % (handle.server, handle.lease_id)
+        assert text == "%s/%s" % (handle.server, handle.lease_id)
+        assert handle.lease_id.version == 4
         assert parse_handle(text) == handle
         c.set(text, b"by text")
         assert c.get(handle, 0, 7) == b"by text"
@@ -396,8 +398,10 @@ def test_client_tls_context():
         (lambda c: c.set(1, b"x", 4, truncate=True), InvalidArgument, "truncate"),
         (lambda c: c.set(1, b"x", truncate=1), TypeError, "truncate must be a bool"),
         (lambda c: c.get(1, 0, -1), OutOfRange, "length -1"),
-        (lambda c: c.get("1"), TypeError, "lease id must be an int, not str"),
-        (lambda c: c.get(2**31), LeaseNotFound, "ids are 1 to 2147483647"),
+        (lambda c: c.get(1.5), TypeError, "lease id must be a uuid.UUID, its text or an int"),
+        (lambda c: c.get("1"), InvalidArgument, "lease id '1' is not a UUID"),
+        (lambda c: c.get(2**31), LeaseNotFound, "short ids are 1 to 2147483647"),
+        (lambda c: c.get(uuid.UUID(int=1 << 100)), LeaseNotFound, "ids are version 4 UUIDs"),
         (lambda c: c.release(0), LeaseNotFound, "lease 0"),
         (lambda c: c.renew(1, -5), InvalidArgument, "duration -5 ms"),
         (lambda c: c.pool_map(0), InvalidArgument, "cells 0"),

@@ -243,10 +243,10 @@ def test_durations_take_units_and_a_bare_number_is_milliseconds() -> None:
 
 def test_the_client_presents_the_token_of_its_token_file(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("s3cret\n")
+    token.write_text("s3cret-of-the-test-0123\n")
     wrong = tmp_path / "wrong"
     wrong.write_text("guess\n")
-    env = dict(environment(), MEMLEASE_TOKEN="s3cret")
+    env = dict(environment(), MEMLEASE_TOKEN="s3cret-of-the-test-0123")
     with server_process("1M", "-q", env=env) as server:
         where = ["127.0.0.1", str(server.port)]
         out = run([sys.executable, CLIENT, *where, "stats", "--token-file", str(token)])

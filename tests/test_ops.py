@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -226,20 +227,21 @@ def test_a_state_file_that_links_elsewhere_is_refused_and_its_target_untouched(
 def test_reordered_tenants_keep_their_own_leases_across_a_restart(state_dir: Path) -> None:
     state = str(state_dir / "pool")
     tokens = state_dir / "tokens"
-    tokens.write_text("alice a-secret\nbob b-secret\n")
+    tokens.write_text("alice a-secret-0123456789\nbob b-secret-0123456789\n")
     args = ("1M", "--bind", "127.0.0.1", "--state-file", state, "--token-file", str(tokens))
     data = b"alice's bytes"
     with running(*args) as first:
-        with as_tenant(first, "a-secret") as alice:
+        with as_tenant(first, "a-secret-0123456789") as alice:
             kept = alice.lease(len(data), 60000)
             alice.set(kept, data)
         stop_gracefully(first)
-    tokens.write_text("bob b-secret\nalice a-secret\n")  # bob is on alice's line now
+    # bob is on alice's line now
+    tokens.write_text("bob b-secret-0123456789\nalice a-secret-0123456789\n")
     with running(*args) as second:
         assert "restored 1 leases" in second.output()
-        with as_tenant(second, "b-secret") as bob, pytest.raises(LeaseNotFound):
+        with as_tenant(second, "b-secret-0123456789") as bob, pytest.raises(LeaseNotFound):
             bob.get(kept)
-        with as_tenant(second, "a-secret") as alice:
+        with as_tenant(second, "a-secret-0123456789") as alice:
             assert alice.get(kept) == data
 
 
@@ -415,7 +417,7 @@ def test_counters_move_with_traffic() -> None:
             c.set(lease_id, b"x" * 1000)
             assert c.get(lease_id) == b"x" * 1000
             with pytest.raises(LeaseNotFound):
-                c.get(lease_id ^ 1)
+                c.get(uuid.UUID(int=lease_id.int ^ 1))
             with pytest.raises(OutOfMemory):
                 c.lease(1 << 20, 60000)  # the pool is split now: no block that large
             during = scrape(endpoint.address)
@@ -430,9 +432,15 @@ def test_counters_move_with_traffic() -> None:
         ("memlease_free_bytes", -1024),
     ):
         assert after[name, ()] - before[name, ()] == moved, name
-    for command, status in (("lease", "ok"), ("set", "ok"), ("get", "ok"), ("get", "not_found")):
+    for command, status in (
+        ("get", "ok"),  # the probe the client sends with its first lease
+        ("grant", "ok"),
+        ("write", "ok"),
+        ("read", "ok"),
+        ("read", "not_found"),
+    ):
         assert requests_of(after, command, status) == 1, (command, status)
-    assert requests_of(after, "lease", "no_memory") == 1
+    assert requests_of(after, "grant", "no_memory") == 1
     assert after["memlease_received_bytes_total", ()] > 1000  # the set carried 1000 bytes
     assert after["memlease_sent_bytes_total", ()] > 1000  # and the get brought them back
 
@@ -556,3 +564,31 @@ def test_systemd_reads_the_unit_files_without_a_complaint(tmp_path: Path) -> Non
     )
     complaints = [line for line in out.stderr.decode().splitlines() if "memlease." in line]
     assert out.returncode == 0 and complaints == [], out.stderr
+
+
+def test_a_warm_restart_keeps_uuid_and_short_leases(state_dir: Path) -> None:
+    state = str(state_dir / "pool")
+    args = ("1M", "--bind", "127.0.0.1", "--state-file", state)
+    with running(*args) as first:
+        with client(first) as c:
+            wide = c.lease(32, 60000)
+            c.set(wide, b"under a UUID")
+        with socket.create_connection(("127.0.0.1", first.port), timeout=TIMEOUT) as sock:
+            sock.sendall(protocol.Lease(32, 60000).encode())
+            reply = protocol.reply_decoder()
+            while True:
+                leased = reply.next_message()
+                if leased is not None:
+                    break
+                data = sock.recv(64)
+                assert data
+                reply.feed(data)
+        short = leased.lease_id  # type: ignore[union-attr]
+        with client(first) as c:
+            c.set(short, b"short")
+        stop_gracefully(first)
+    with running(*args) as second:
+        assert "restored 2 leases" in second.output()
+        with client(second) as c:
+            assert c.get(wide, 0, 12) == b"under a UUID"
+            assert c.get(short, 0, 5) == b"short"

@@ -92,21 +92,24 @@ def test_python_example_runs(line: int, code: str, port: int, tmp_path: Path) ->
     )
 
 
+SHOWN_ID = "0b8e6c1a-5d8f-4e0c-9a47-2f1d3c5b7e90"  # the README's id; each run gets its own
+
+
 def test_quick_start_session_prints_what_the_readme_shows(port: int) -> None:
-    lease_id = "123"
+    lease_id = SHOWN_ID
     for command, shown in quick_start_session(README):
         words = shlex.split(command)
         assert words[:3] == ["python3", "memlease_client.py", "localhost"], command
         if words[3] == "412":
             del words[3]
         argv = [sys.executable, str(ROOT / "memlease_client.py"), "127.0.0.1", str(port)]
-        argv += [lease_id if word == "123" else word for word in words[3:]]
+        argv += [lease_id if word == SHOWN_ID else word for word in words[3:]]
         out = subprocess.run(argv, capture_output=True, timeout=30, env=environment())
         printed = out.stdout.decode().splitlines()
         if words[3] == "lease":
             lease_id = printed[0].rsplit(" ", 1)[-1]
         assert (out.returncode, out.stderr) == (0, b""), command
-        assert printed == [line.replace("123", lease_id) for line in shown], command
+        assert printed == [line.replace(SHOWN_ID, lease_id) for line in shown], command
 
 
 def test_the_map_in_the_readme_is_what_its_pattern_of_leases_draws() -> None:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import ContextManager, Iterator, List, Optional, Tuple
 
@@ -37,6 +38,7 @@ from memlease_client import (
 from tests.helpers import (
     SERVER,
     TIMEOUT,
+    UUID_PATTERN,
     ServerProcess,
     closed_by_peer,
     directory_for_nobody,
@@ -123,9 +125,28 @@ def test_a_bad_tenant_file_is_refused_naming_the_line(text, error):
 
 def test_the_token_comes_from_the_environment_without_a_file():
     assert security.load_tenants(None, {}) is None
-    tenants = security.load_tenants(None, {"MEMLEASE_TOKEN": "s3cret"})
+    tenants = security.load_tenants(None, {"MEMLEASE_TOKEN": "s3cret-of-16-bytes"})
     assert tenants is not None
-    assert tenants.authenticate(b"s3cret") == security.tenant_number("default")
+    assert tenants.authenticate(b"s3cret-of-16-bytes") == security.tenant_number("default")
+
+
+@pytest.mark.parametrize(
+    "env, tokens, words",
+    [
+        ({"MEMLEASE_TOKEN": "abc"}, None, "$MEMLEASE_TOKEN: the token of default is shorter"),
+        ({}, "alice a-long-enough-token\nbob short\n", "the token of bob is shorter than 16"),
+        ({}, "fifteen-bytes!!\n", "the token of default is shorter than 16 bytes"),
+    ],
+)
+def test_a_short_token_is_refused_at_start_in_one_line(tmp_path, env, tokens, words):
+    args = [sys.executable, SERVER, "0", "1M", "--bind", "127.0.0.1"]
+    if tokens is not None:
+        (tmp_path / "tokens").write_text(tokens)
+        args += ["--token-file", str(tmp_path / "tokens")]
+    environ = {k: v for k, v in os.environ.items() if k != "MEMLEASE_TOKEN"}
+    out = subprocess.run(args, capture_output=True, timeout=30, env=dict(environ, **env))
+    assert out.returncode == 2 and words.encode() in out.stderr, out
+    assert out.stderr.count(b"\n") == 1 and b"short enough to guess" in out.stderr
 
 
 @contextlib.contextmanager
@@ -154,7 +175,7 @@ def test_two_tenants_never_see_each_others_leases():
         assert (alice.stats()["tenant_leases"], bob.stats()["tenant_leases"]) == (1, 0)
         # An id nobody holds is answered exactly as another tenant's lease is.
         with pytest.raises(LeaseNotFound):
-            bob.get(1 if lease_id != 1 else 2)
+            bob.get(uuid.uuid4())
 
 
 def test_a_tenant_quota_holds_and_frees_with_its_leases():
@@ -163,18 +184,19 @@ def test_a_tenant_quota_holds_and_frees_with_its_leases():
         alice.lease(32 << 10, 60000)
         with pytest.raises(OutOfMemory):
             alice.lease(32, 60000)
-        assert bob.lease(128 << 10, 60000) > 0  # bob has no quota; alice's is hers
+        assert bob.lease(128 << 10, 60000).version == 4  # bob has no quota; alice's is hers
         alice.release(first)
-        assert alice.lease(32 << 10, 60000) > 0
+        assert alice.lease(32 << 10, 60000).version == 4
         assert alice.stats()["tenant_bytes"] == 64 << 10
 
 
 def test_a_lease_over_the_quota_is_said_to_be_the_quota_with_the_figures(tmp_path: Path):
     tokens = tmp_path / "tenants"
-    tokens.write_text("alice a-secret 4K\nbob b-secret\n")
+    tokens.write_text("alice alice-secret-0123456789 4K\nbob bob-secret-0123456789\n")
     with server_process("1M", "--token-file", str(tokens)) as server:
-        env = dict(os.environ, MEMLEASE_TOKEN="a-secret")
-        with MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT, token="a-secret") as alice:
+        token = "alice-secret-0123456789"
+        env = dict(os.environ, MEMLEASE_TOKEN=token)
+        with MemLeaseClient("127.0.0.1", server.port, timeout=TIMEOUT, token=token) as alice:
             alice.lease(2048, 60000)
             with pytest.raises(QuotaExceeded) as refused:  # an OutOfMemory, as before
                 alice.lease(4096, 60000)
@@ -187,7 +209,7 @@ def test_a_lease_over_the_quota_is_said_to_be_the_quota_with_the_figures(tmp_pat
         "Failed to create lease due to insufficient resources on the server.",
         "reason: over your quota: the quota is 4 KiB, you hold 2 KiB and asked for 4 KiB (-11)",
     ]
-    assert "lease 4096 bytes for 5000 ms -> refused (over the quota of tenant alice: " in log
+    assert "grant 4096 bytes for 5000 ms -> refused (over the quota of tenant alice: " in log
     assert "quota 4 KiB, held 2 KiB, asked 4 KiB)" in log
     assert "no free block" not in log
 
@@ -204,22 +226,43 @@ def test_a_wrong_token_after_a_right_one_closes_the_connection():
         assert closed_by_peer(sock)
 
 
-def test_wrong_tokens_past_the_limit_are_refused_unchecked(caplog):
+def test_wrong_tokens_are_slowed_while_the_right_one_gets_in_at_once(caplog):
     caplog.set_level(logging.WARNING, logger="memlease")
-    limit = security.AUTH_FAILURES_PER_MINUTE
+    free = security.WRONG_TOKENS_FREE
     with serving(token=b"right") as server:
-        for _ in range(limit + 5):
+        for _ in range(free + 3):
             with pytest.raises(Unauthorized):
                 client(server, token="wrong").stats()
         counters = server.service.counters
-        assert counters["auth_failures"] == limit + 5
-        assert counters["auth_refused_unchecked"] == 5
-        # The host is locked out for now: the right token is not even compared.
-        with pytest.raises(Unauthorized):
-            client(server, token="right").stats()
-        assert counters["auth_refused_unchecked"] == 6
-    logged = warnings_with(caplog, "wrong token") + warnings_with(caplog, "refused unchecked")
-    assert len(logged) == server.service.warnings.burst
+        assert counters["auth_failures"] == free + 3
+        assert counters["auth_answers_delayed"] == 3  # the later wrong tokens waited
+        # From now on this host's wrong tokens wait half a minute for their answer.
+        server.service.wrong_tokens = security.Backoff(free=0, first=30.0, most=30.0)
+        with raw(server) as guesser, raw(server) as honest:
+            guesser.sendall(protocol.Auth(b"wrong again").encode())
+            assert wait_for(lambda: counters["auth_answers_delayed"] == 4)
+            # The right token from the same host is compared and answered meanwhile.
+            frames = protocol.Auth(b"right").encode() + protocol.Stats().encode()
+            replies = exchange(honest, frames, 2)
+            assert replies[0] == protocol.DataSet(protocol.OK)
+            assert isinstance(replies[1], protocol.StatsReply)
+            guesser.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still held: not a byte of its answer yet
+                guesser.recv(1)
+    assert len(warnings_with(caplog, "wrong token")) == server.service.warnings.burst
+
+
+def test_the_delay_for_wrong_tokens_grows_then_the_window_forgets():
+    clock = Minute()
+    backoff = security.Backoff(free=2, first=0.5, most=4.0, clock=clock)
+    assert [backoff.failed("h") for _ in range(7)] == [0.0, 0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
+    assert backoff.failed("other host") == 0.0
+    clock.now += 60.0
+    assert backoff.failed("h") == 0.0
+    full = security.Backoff(free=0, first=1.0, max_keys=2, clock=clock)
+    assert full.failed("a") == full.failed("b") == 1.0
+    assert full.failed("c") == 1.0 and full.failed("d") == 2.0  # past the table: shared
+    assert len(full) == 3
 
 
 def test_wrong_tokens_are_allowed_again_as_the_minute_passes():
@@ -349,7 +392,7 @@ def test_without_a_token_a_peer_outside_allow_is_refused_and_told_why(caplog):
 def test_with_a_token_protected_mode_is_off():
     allow = security.AllowList.parse("10.0.0.0/8")
     with serving(token=b"t", allow=allow) as server, client(server, token="t") as c:
-        assert c.lease(32) > 0
+        assert c.lease(32).version == 4
 
 
 @pytest.mark.parametrize(
@@ -427,7 +470,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tls_files):
             client(server, tls=client_tls_context(tls_files["ca"])).stats()
         mutual = client_tls_context(tls_files["ca"], tls_files["client"])
         with client(server, tls=mutual) as c:
-            assert c.lease(32) > 0
+            assert c.lease(32).version == 4
 
 
 def test_a_silent_tls_client_stalls_nobody(tls_files):
@@ -438,7 +481,7 @@ def test_a_silent_tls_client_stalls_nobody(tls_files):
         half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, no more
         try:
             with client(server, tls=client_tls_context(tls_files["ca"])) as c:
-                assert c.lease(32) > 0
+                assert c.lease(32).version == 4
             assert wait_for(lambda: len(server.channels) == 4)  # the others still wait
         finally:
             for sock in [*silent, half]:
@@ -549,7 +592,7 @@ def test_started_as_root_the_server_serves_the_seed_session_as_nobody(nobodys_di
         assert ids["Groups"] == []  # root's supplementary groups are gone
         out = run_cli("lease", "1024", "5000", port=server.port)
         assert out.returncode == 0, out
-        lease_id = re.search(rb"with id (\d+)", out.stdout).group(1).decode()  # type: ignore[union-attr]
+        lease_id = re.search(rb"with id (%s)" % UUID_PATTERN, out.stdout).group(1).decode()  # type: ignore[union-attr]
         assert run_cli("set", lease_id, "this is some text", port=server.port).returncode == 0
         out = run_cli("get", lease_id, port=server.port)
         assert out.stdout == b"Data get for lease %s: this is some text\n" % lease_id.encode()

@@ -6,6 +6,7 @@ The store is driven with a fake clock, so every expiry is exact and nothing is t
 import gc
 import os
 import struct
+import uuid
 import zlib
 from typing import Dict, Iterator, List, Tuple
 
@@ -180,13 +181,13 @@ class StoreMachine(RuleBasedStateMachine):
     def lease(self, size: int, ms: int, tenant: int) -> None:
         self.expire_model()
         lease_id = self.store.lease(size, ms, tenant)
-        if lease_id < 0:
+        if isinstance(lease_id, int):
             assert lease_id == protocol.NO_MEMORY
             # Refused only once every ended lease has given its block back, and none fits.
             assert self.store.allocator.largest_free < size
             assert self.store.allocator.free_bytes == self.store.stats()["free_bytes"]
             return
-        assert 0 < lease_id <= protocol.INT32_MAX and lease_id not in self.leases
+        assert uuid.UUID(bytes=lease_id).version == 4 and lease_id not in self.leases
         self.leases[lease_id] = (tenant, size, self.now_ms() + ms, bytearray(size))
 
     @precondition(lambda self: self.leases)
@@ -336,7 +337,7 @@ def test_fifty_thousand_expiries_at_once_are_reaped_in_slices():
     store = LeaseStore(50_000 * 32, clock=clock)
     try:
         ids = [store.lease(32, 500) for _ in range(50_000)]
-        assert min(ids) > 0
+        assert len(set(ids)) == 50_000 and all(isinstance(lease_id, bytes) for lease_id in ids)
         clock.now += 0.5
         calls = []
         while True:
@@ -371,12 +372,12 @@ def test_a_lease_request_takes_back_the_memory_of_ended_leases_at_once():
     store = LeaseStore(1 << 16, clock=clock)
     try:
         small = [store.lease(32, 100) for _ in range(2048)]
-        assert min(small) > 0 and store.lease(32, 100) == protocol.NO_MEMORY
+        assert all(isinstance(lease_id, bytes) for lease_id in small)
+        assert store.lease(32, 100) == protocol.NO_MEMORY
         clock.now += 0.1
         assert store.stats()["live_leases"] == 0  # ended: not counted, though not reaped
         assert store.stats()["free_bytes"] == 1 << 16
-        big = store.lease(1 << 15, 60_000)
-        assert big > 0
+        assert isinstance(store.lease(1 << 15, 60_000), bytes)
         stats = store.stats()
         reclaimed = stats["leases_reclaimed"]
         assert 1024 <= reclaimed < 2048  # it stops at the first block that fits
@@ -394,7 +395,7 @@ def test_a_lease_is_refused_only_when_no_ended_lease_is_left_to_take_back():
     try:
         forever = store.lease(1 << 11, 60_000)
         ending = [store.lease(32, 10 + n) for n in range(64)]
-        assert forever > 0 and min(ending) > 0
+        assert all(isinstance(lease_id, bytes) for lease_id in [forever, *ending])
         clock.now += 0.030  # 21 of them have ended
         assert store.lease(1 << 11, 60_000) == protocol.NO_MEMORY
         stats = store.stats()
@@ -426,11 +427,11 @@ def test_refusals_carry_the_protocol_status():
         assert store.lease(0, 100) == protocol.INVALID
         assert store.lease(10, 0) == protocol.INVALID
         assert store.lease(4096, 100) == protocol.TOO_LARGE
-        assert store.lease(2048, 100) > 0
+        assert isinstance(store.lease(2048, 100), bytes)
         assert store.lease(2048, 100) == protocol.NO_MEMORY
         assert store.stats()["leases_refused"] == 4
-        assert store.renew(12345, 100) == protocol.NOT_FOUND
-        assert store.release(-5) == protocol.NOT_FOUND
+        assert store.renew(uuid.uuid4().bytes, 100) == protocol.NOT_FOUND
+        assert store.release(protocol.short_form(5)) == protocol.NOT_FOUND
     finally:
         store.close()
 
@@ -459,10 +460,10 @@ def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
     store = LeaseStore(1 << 12)
     try:
         mine = store.lease(100, 60_000, tenant=7, quota=256)
-        assert mine > 0
-        assert store.lease(100, 60_000, tenant=7, quota=256) > 0
+        assert isinstance(mine, bytes)
+        assert isinstance(store.lease(100, 60_000, tenant=7, quota=256), bytes)
         assert store.lease(1, 60_000, tenant=7, quota=256) == protocol.OVER_QUOTA
-        assert store.lease(1, 60_000, tenant=8, quota=256) > 0
+        assert isinstance(store.lease(1, 60_000, tenant=8, quota=256), bytes)
         for other in (0, 8):
             assert store.read(mine, tenant=other)[0] == protocol.NOT_FOUND
             assert store.write(mine, 0, b"x", tenant=other) == protocol.NOT_FOUND
@@ -473,7 +474,8 @@ def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
         assert stats["tenant_bytes"] == 256 and stats["tenant_leases"] == 2
         assert store.release(mine, tenant=7) == protocol.OK
         assert store.tenant_usage(7) == (128, 1)
-        assert store.lease(1, 60_000, tenant=70_000) > 0  # a wide tenant number widens its column
+        wide = store.lease(1, 60_000, tenant=70_000)  # a wide tenant number widens its column
+        assert isinstance(wide, bytes)
         assert store.tenant_usage(70_000) == (32, 1)
     finally:
         store.close()
@@ -516,7 +518,7 @@ def test_a_pinned_block_is_kept_until_the_last_unpin():
         with pytest.raises(ValueError):
             store.unpin(pins[1])
         third = store.lease(32, 60_000)
-        assert third > 0 and bytes(store.read(third)[1]) == bytes(32)
+        assert isinstance(third, bytes) and bytes(store.read(third)[1]) == bytes(32)
     finally:
         store.close()
 
@@ -632,7 +634,7 @@ def test_a_saved_pool_comes_back_with_its_ids_bytes_and_less_time(state):
         assert again.memory.buffer.find(b"released") == -1
         assert again.stats()["free_bytes"] == again.capacity - 128
         fresh = again.lease(100, 1000)
-        assert fresh > 0 and fresh != kept
+        assert isinstance(fresh, bytes) and fresh != kept
     finally:
         again.close()
 
@@ -647,11 +649,12 @@ def _saved(state: str, leases: int = 2) -> None:
     store.close()
 
 
-def _table(version: int = 1, pool: int = 1 << 16, saved_at: int = 1_700_000_000_000, leases=()):
+def _table(version: int = 2, pool: int = 1 << 16, saved_at: int = 1_700_000_000_000, leases=()):
     """A lease table in the saved format, for cases a real store never writes."""
     count = len(leases)
-    body = struct.pack("<8sIQIqQ", b"MLEASES\n", version, pool, 32, saved_at, count)
-    for column, code in enumerate("iqqqq"):
+    key = bytes(16)
+    body = struct.pack("<8sIQIqQ16sQ", b"MLEASES\n", version, pool, 32, saved_at, count, key, 0)
+    for column, code in enumerate("QQqqqqq"):
         body += struct.pack("<%d%s" % (count, code), *(lease[column] for lease in leases))
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -681,7 +684,14 @@ def _no_table(path: str) -> None:
     os.unlink(path)
 
 
-OVERLAP = _table(leases=[(5, 0, 100, 0, 1_700_000_100_000), (6, 0, 32, 64, 1_700_000_100_000)])
+UUID_A = struct.unpack(">QQ", uuid.uuid4().bytes)
+UUID_B = struct.unpack(">QQ", uuid.uuid4().bytes)
+OVERLAP = _table(
+    leases=[
+        (*UUID_A, 0, 0, 100, 0, 1_700_000_100_000),
+        (*UUID_B, 0, 0, 32, 64, 1_700_000_100_000),
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -689,7 +699,7 @@ OVERLAP = _table(leases=[(5, 0, 100, 0, 1_700_000_100_000), (6, 0, 32, 64, 1_700
     [
         (_no_table, 1 << 16, 0, "did not stop cleanly"),
         (None, 1 << 17, 0, "the pool changed"),
-        (_replace(_table(version=2)), 1 << 16, 0, "version 2"),
+        (_replace(_table(version=1)), 1 << 16, 0, "version 1, this server reads version 2"),
         (_truncate, 1 << 16, 0, "not one"),
         (_corrupt, 1 << 16, 0, "checksum"),
         (None, 1 << 16, -5.0, "clock went backwards"),
@@ -803,3 +813,24 @@ def test_deadlines_past_the_narrow_columns_range_keep_their_order():
         assert store.expire_due(10) == 1 and store.read(late)[0] == protocol.OK
     finally:
         store.close()
+
+
+def test_a_restart_keeps_short_ids_and_goes_on_issuing_new_ones(state):
+    clock, wall = FakeClock(), FakeClock(1.7e9)
+    store = _store(state, clock, wall)
+    wide = store.lease(32, 60_000)
+    short_lease = store.lease(32, 60_000, short_id=True)
+    short = store.short_id(short_lease)
+    before = [store.short_id(store.lease(32, 60_000, short_id=True)) for _ in range(50)]
+    store.save()
+    store.close()
+    again = _store(state, FakeClock(), wall)
+    try:
+        assert again.restore_note is not None and again.restore_note.startswith("restored 52 ")
+        assert again.read(wide)[0] == protocol.OK and again.short_id(wide) == 0
+        assert again.short_id(protocol.short_form(short)) == short
+        assert again.read(short_lease)[0] == protocol.OK  # by its UUID too
+        after = [again.short_id(again.lease(32, 60_000, short_id=True)) for _ in range(200)]
+        assert not set(after) & set(before + [short]) and 0 not in after
+    finally:
+        again.close()
