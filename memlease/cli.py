@@ -45,6 +45,7 @@ from memlease_client import (
     _NotTLS,
     address_text,
     client_tls_context,
+    unix_path,
 )
 
 _EPILOG = """\
@@ -65,9 +66,10 @@ what it writes as they were: add --truncate to zero them in the same request.
 get takes --offset N and --length N.  Options may come anywhere on the line.
 
 host may name its port, as in localhost:413 or [::1]:413 (IPv6 in brackets), which then
-beats the port word.  host may list servers, host:port,host:port,...: they are used as
-one cluster, and lease ids then name their server, as in a:412/123; the port word is
-the port of every server listed without one.
+beats the port word; unix:PATH is the server's Unix socket at PATH (no port, no TLS).
+host may list servers, host:port,host:port,...: they are used as one cluster, and lease
+ids then name their server, as in a:412/123; the port word is the port of every server
+listed without one.
 
 examples:
   %(prog)s localhost 412 lease 1024 5000
@@ -76,6 +78,7 @@ examples:
   %(prog)s localhost get 123 --raw --offset 16 --length 8 > part.bin
   tar c data | %(prog)s localhost set 123 --file - --truncate
   %(prog)s localhost map
+  %(prog)s unix:/run/memlease/memlease.sock stats
 
 The port defaults to 412.  $MEMLEASE_TOKEN is presented when set (--token-file PATH:
 the first line of PATH).
@@ -192,9 +195,10 @@ def _timeout(text: str) -> float:
 
 
 def _host(text: str) -> str:
-    """A host name the resolver can take (or a list of them, for a cluster)."""
+    """A host name the resolver can take (or a list of them, for a cluster), or a Unix
+    socket's ``unix:PATH``."""
     try:
-        text.encode("utf-8" if "," in text else "idna")
+        text.encode("utf-8" if "," in text or unix_path(text) is not None else "idna")
     except UnicodeError:
         raise argparse.ArgumentTypeError("%r is not a host name" % text) from None
     return text
