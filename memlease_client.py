@@ -51,6 +51,9 @@ ORIGINAL_VERSION = 1  # what the probe makes of the C++ server: no extension is 
 # What names a lease in the API: the uuid.UUID lease() returned, its text, or a short id.
 LeaseId = Union[uuid.UUID, str, int]
 
+# A host written unix:PATH is the server's Unix socket at PATH, on this host.
+UNIX_PREFIX = "unix:"
+
 
 class MemLeaseError(Exception):
     """Base of every error this client raises; ``status`` is the server's code, if any."""
@@ -496,9 +499,39 @@ def client_settings(
     """The checked settings; the token defaults to $MEMLEASE_TOKEN."""
     if not isinstance(host, str):
         raise TypeError("host must be a str, not %s" % type(host).__name__)
+    path = unix_path(host)
+    if path == "":
+        raise InvalidArgument("host %r names no socket file: write unix:PATH" % host)
+    context = _tls_context(tls)
+    if path is not None and context is not None:
+        raise InvalidArgument("%s is served without TLS (its peers are on this host)" % host)
     return Settings(
-        host, _checked_port(port), _checked_timeout(timeout), _token_bytes(token), _tls_context(tls)
+        host, _checked_port(port), _checked_timeout(timeout), _token_bytes(token), context
     )
+
+
+def unix_path(host: str) -> Optional[str]:
+    """The socket file a ``unix:PATH`` host names; None for a network host."""
+    return host[len(UNIX_PREFIX) :] if host.startswith(UNIX_PREFIX) else None
+
+
+def open_socket(settings: Settings) -> socket.socket:
+    """A socket connected to the server: TCP without Nagle's delay, or its Unix socket."""
+    path = unix_path(settings.host)
+    if path is None:
+        sock = socket.create_connection((settings.host, settings.port), timeout=settings.timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path is None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock.settimeout(settings.timeout)
+            sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _tls_context(tls: Union[bool, ssl.SSLContext, None]) -> Optional[ssl.SSLContext]:
@@ -544,7 +577,9 @@ def _checked_port(port: int) -> int:
 
 
 def address_text(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 address in brackets: ``[::1]:412``."""
+    """``host:port``, with an IPv6 address in brackets: ``[::1]:412``; ``unix:PATH`` as is."""
+    if host.startswith(UNIX_PREFIX):
+        return host
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -684,6 +719,7 @@ class MemLeaseClient:
     replies.  Every failure raises a MemLeaseError subclass.  A connection that fails
     is closed; the next call connects again (a failed call is not retried).
     ``token`` defaults to $MEMLEASE_TOKEN and is presented once per connection.
+    ``host`` may be ``unix:PATH``, the server's Unix socket (``port`` is then unused).
     ``tls``: True verifies the server against the system's authorities; an
     ``ssl.SSLContext`` (see client_tls_context) is used as it is.
     """
@@ -820,11 +856,10 @@ class MemLeaseClient:
         """A new connection, through TLS and authenticated when so configured."""
         settings = self._settings
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = open_socket(settings)
         except BaseException as exc:
             raise connection_error(settings.where, self.timeout, exc, connecting=True) from None
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if settings.tls is not None:
                 sock = settings.tls.wrap_socket(sock, server_hostname=self.host)
         except BaseException as exc:

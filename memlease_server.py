@@ -27,6 +27,7 @@ from memlease.program import how_to_run, program_name, version_line
 from memlease.store import TABLE_SUFFIX, LeaseStore
 from memlease.systemd import ActivationError, listen_fds
 from memlease.units import parse_size
+from memlease.unixsocket import DEFAULT_MODE, UnixSocketError
 
 __all__ = ["LeaseStore", "MemLeaseServer", "main", "parse_size"]
 
@@ -50,6 +51,17 @@ def parse_address(text: str) -> Tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, parse_port(port)
+
+
+def parse_mode(text: str) -> int:
+    """A file mode in octal, as chmod takes it: 660, 0660 or 0o660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError("%r is not a file mode in octal, such as 660" % text)
+    return mode
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -82,7 +94,8 @@ def build_parser(prog: str = SERVER_NAME) -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  sudo %s 412 2048\n"
         "  %s 4120 16M --bind 127.0.0.1 -q\n"
-        "  MEMLEASE_TOKEN=secret %s 4120 1G --bind ::\n" % (run, run, run),
+        "  MEMLEASE_TOKEN=secret %s 4120 1G --bind ::\n"
+        "  %s 4120 1G --bind 127.0.0.1 --unix /run/memlease/memlease.sock\n" % (run, run, run, run),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=version_line(prog))
@@ -95,6 +108,19 @@ def build_parser(prog: str = SERVER_NAME) -> argparse.ArgumentParser:
         default="",
         metavar="ADDR",
         help="address to listen on (default: all IPv4 interfaces; '::' for IPv6)",
+    )
+    parser.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="also listen on a Unix socket at PATH (served without TLS; its file is removed "
+        "at a graceful stop, and a stale one from a crash is replaced)",
+    )
+    parser.add_argument(
+        "--unix-mode",
+        type=parse_mode,
+        metavar="OCTAL",
+        help="the Unix socket file's mode (default %03o: its user and group may connect)"
+        % DEFAULT_MODE,
     )
     parser.add_argument(
         "--max-connections",
@@ -204,6 +230,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("cannot read the token: %s" % exc)
     if (args.tls_key or args.tls_ca) and not args.tls_cert:
         parser.error("--tls-key and --tls-ca need --tls-cert")
+    if args.unix_mode is not None and args.unix is None:
+        parser.error("--unix-mode needs --unix")
+    if args.unix is not None and args.tls_ca:
+        parser.error(
+            "--tls-ca asks every client for a certificate, which the Unix socket (served "
+            "without TLS) cannot check: drop --unix or --tls-ca"
+        )
     try:
         tls = None
         if args.tls_cert is not None:
@@ -211,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         account = security.resolve_user(args.user)
         if args.state_file is not None:
             security.check_writable(account, args.state_file)
+        if args.unix is not None:  # it is removed at the stop, by the user we become
+            security.check_writable(account, args.unix, "where the Unix socket is made")
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     try:
@@ -240,7 +275,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 short_ids=not args.no_short_ids,
             ),
             ssl_context=tls,
+            unix=args.unix,
+            unix_mode=DEFAULT_MODE if args.unix_mode is None else args.unix_mode,
         )
+    except UnixSocketError as exc:
+        _keep_leases_and_close(store)
+        return _fail(prog, str(exc))
     except PermissionError:
         _keep_leases_and_close(store)
         hint = (
@@ -268,6 +308,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 % (args.metrics[0] or "*", args.metrics[1], exc.strerror or exc),
             )
     try:  # the sockets are bound and every file is read: root is no longer needed
+        if args.unix is not None:
+            security.hand_over(account, args.unix)
         security.drop_privileges(account, _state_files(args.state_file), log)
     except OSError as exc:
         store.save()
@@ -290,6 +332,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     if args.no_short_ids:
         log.info("short ids are off (--no-short-ids): the C++ client's messages are refused")
+    if server.unix is not None:
+        log.info(
+            "listening on the Unix socket %s too (mode %03o)", server.unix.path, server.unix.mode
+        )
     if metrics is not None:
         log.info("metrics at %s", metrics.url)
     if tls is not None:

@@ -6,6 +6,7 @@ generator with 100-byte values; each scenario alternates the targets within ever
 repetition and reports medians, so the ratio is measured under the same machine load.
 A third target, the "python floor", frames each request on a selectors loop and answers
 it with a canned reply: what a Python server costs before it does any work, a ceiling.
+Our server is measured twice, on loopback TCP and on its Unix socket ("memlease unix").
 Also: what one request costs in this process without sockets (decoding, the store, the
 whole), 64 MiB values through the Python API against a raw loopback socket (and Redis),
 10,000 idle connections, clients that never read a 128 MiB reply, the allocator's cost
@@ -86,7 +87,7 @@ class Session:
             self.get_request = b"get %s\r\n" % name
             self.get_reply = len(b"VALUE %s 0 %d\r\n\r\nEND\r\n" % (name, len(VALUE))) + len(VALUE)
         else:
-            with MemLeaseClient("127.0.0.1", target.port, timeout=10) as client:
+            with our_client(target) as client:
                 lease_id = client.lease(len(VALUE), 3_600_000)
             self.set_request = protocol.SetData(lease_id, VALUE).encode()
             self.set_reply = len(protocol.DataSet(0).encode())
@@ -95,9 +96,20 @@ class Session:
             self.lease_id = lease_id
 
     def connect(self) -> socket.socket:
+        if self.target.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(self.target.unix)
+            return sock
         sock = socket.create_connection(("127.0.0.1", self.target.port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+
+def our_client(target: Target, timeout: float = 10) -> MemLeaseClient:
+    """Our API's client for the target: on its Unix socket, or on loopback TCP."""
+    host = "unix:" + target.unix if target.unix else "127.0.0.1"
+    return MemLeaseClient(host, target.port, timeout=timeout)
 
 
 # Load generator: each worker process runs one scenario loop until the shared deadline.
@@ -156,7 +168,7 @@ def _pipelined(session: Session, until: float) -> Result:
         sock.close()
         return Result(ops, [])
     # Ours goes through the Python API, as users would pipeline.
-    with MemLeaseClient("127.0.0.1", session.target.port, timeout=10) as client:
+    with our_client(session.target) as client:
         while time.perf_counter() < until:
             pipe = client.pipeline()
             for _ in range(BATCH // 2):
@@ -740,19 +752,22 @@ def main() -> int:
     )
     print()
     if "servers" in sections:
-        with tempfile.NamedTemporaryFile(mode="w+") as log:
-            ours, ours_target = start_ours("64M", log)
+        with tempfile.NamedTemporaryFile(mode="w+") as log, tempfile.TemporaryDirectory() as run:
+            os.chmod(run, 0o1777)  # as /tmp: a server started as root and run as nobody may
+            unix = os.path.join(run, "memlease.sock")  # remove its socket there at the stop
+            server, tcp_target = start_ours("64M", log, unix=unix)
             floor, floor_target = start_floor()
             memcached = start_memcached()
             try:
-                targets = [ours_target, floor_target]
+                targets = [tcp_target, tcp_target._replace(name="memlease unix", unix=unix)]
+                targets.append(floor_target)
                 if memcached is None:
                     print("memcached is not on PATH (Debian package 'memcached'): skipped.\n")
                 else:
                     targets.append(memcached[1])
                 bench_servers(targets, reps, seconds, plan)
             finally:
-                stop(ours)
+                stop(server)
                 floor.terminate()
                 floor.join(5)
                 if memcached is not None:

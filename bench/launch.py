@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +17,7 @@ class Target(NamedTuple):
     name: str
     port: int
     pid: int  # whose CPU time is read, where /proc has it
+    unix: str = ""  # a Unix socket's path: reached through it, not the port
 
 
 def free_port() -> int:
@@ -26,10 +27,13 @@ def free_port() -> int:
 
 
 def start_ours(
-    pool: str, log: "tempfile._TemporaryFileWrapper[str]"
+    pool: str, log: "tempfile._TemporaryFileWrapper[str]", unix: Optional[str] = None
 ) -> Tuple["subprocess.Popen[bytes]", Target]:
+    """Our server on a loopback port, and on the Unix socket ``unix`` too when given."""
+    also = [] if unix is None else ["--unix", unix]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "memlease_server.py"), "0", pool, "--bind", "127.0.0.1", "-q"],
+        [sys.executable, str(ROOT / "memlease_server.py"), "0", pool, "--bind", "127.0.0.1", "-q"]
+        + also,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -39,6 +39,7 @@ from memlease_client import (
     results_of,
     set_call,
     stats_call,
+    unix_path,
 )
 
 
@@ -225,16 +226,19 @@ class AsyncMemLeaseClient:
 
     async def _connect(self) -> _Link:
         settings = self._settings
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    settings.host,
-                    settings.port,
-                    ssl=settings.tls,
-                    server_hostname=settings.host if settings.tls else None,
-                ),
-                settings.timeout,
+        path = unix_path(settings.host)
+        opening = (
+            asyncio.open_connection(
+                settings.host,
+                settings.port,
+                ssl=settings.tls,
+                server_hostname=settings.host if settings.tls else None,
             )
+            if path is None
+            else asyncio.open_unix_connection(path)
+        )
+        try:
+            reader, writer = await asyncio.wait_for(opening, settings.timeout)
         except asyncio.TimeoutError:
             raise connection_error(
                 settings.where, settings.timeout, socket.timeout(), connecting=True

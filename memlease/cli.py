@@ -6,13 +6,14 @@ for a host list; the API lives in memlease_client.
 """
 
 import argparse
+import base64
 import json
 import math
 import os
 import re
 import ssl
 import sys
-from typing import Any, List, NoReturn, Optional, TextIO, Union
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Union
 
 import protocol
 from memlease import picture
@@ -46,6 +47,7 @@ from memlease_client import (
     _NotTLS,
     address_text,
     client_tls_context,
+    unix_path,
 )
 
 _EPILOG = """\
@@ -59,16 +61,23 @@ commands:
   renew ID MS          make the lease last MS milliseconds from now
   release ID           end the lease now
   stats                print the server's counters
-  map [--json]         draw the pool: what is leased, what is free, how it is split
+  map                  draw the pool: what is leased, what is free, how it is split
 
 set writes from the start of the lease (or from --offset N) and leaves the bytes after
 what it writes as they were: add --truncate to zero them in the same request.
 get takes --offset N and --length N.  Options may come anywhere on the line.
 
+--json prints one JSON object instead, on every command: the lease id (a string), what
+was done, get's text (UTF-8, up to the first NUL; with --raw, "base64": every byte read),
+stats' counters (a cluster: the sums, with "server": null, then one object a line per
+server); a failure is {"error": ..., "status": ..., "reason": ...} with the same exit
+status.
+
 host may name its port, as in localhost:413 or [::1]:413 (IPv6 in brackets), which then
-beats the port word.  host may list servers, host:port,host:port,...: they are used as
-one cluster, and lease ids then name their server, as in a:412/123; the port word is
-the port of every server listed without one.
+beats the port word; unix:PATH is the server's Unix socket at PATH (no port, no TLS).
+host may list servers, host:port,host:port,...: they are used as one cluster, and lease
+ids then name their server, as in a:412/123; the port word is the port of every server
+listed without one.
 
 examples:
   %(prog)s localhost 412 lease 1024 5000
@@ -77,6 +86,9 @@ examples:
   %(prog)s localhost get 123 --raw --offset 16 --length 8 > part.bin
   tar c data | %(prog)s localhost set 123 --file - --truncate
   %(prog)s localhost map
+  id=$(%(prog)s localhost lease 1K 5s --json | python3 -c \
+      'import json,sys; print(json.load(sys.stdin)["lease_id"])')
+  %(prog)s unix:/run/memlease/memlease.sock stats
 
 The port defaults to 412.  $MEMLEASE_TOKEN is presented when set (--token-file PATH:
 the first line of PATH).
@@ -110,6 +122,10 @@ class _UsageError(Exception):
 
 class _OutputFailed(Exception):
     """Standard output cannot take what we write: full, closed, or its reader gone."""
+
+
+class _NotText(Exception):
+    """A lease's text that JSON cannot carry as text: its bytes are not UTF-8."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -193,9 +209,10 @@ def _timeout(text: str) -> float:
 
 
 def _host(text: str) -> str:
-    """A host name the resolver can take (or a list of them, for a cluster)."""
+    """A host name the resolver can take (or a list of them, for a cluster), or a Unix
+    socket's ``unix:PATH``."""
     try:
-        text.encode("utf-8" if "," in text else "idna")
+        text.encode("utf-8" if "," in text or unix_path(text) is not None else "idna")
     except UnicodeError:
         raise argparse.ArgumentTypeError("%r is not a host name" % text) from None
     return text
@@ -233,6 +250,12 @@ def _add_connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
     )
     parser.add_argument(
         "--tls", action="store_true", default=default(False), help=explain("connect with TLS")
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help=explain("print one JSON object (a failure too): for scripts"),
     )
     for name, what in (
         ("ca", "CA certificates to trust"),
@@ -308,7 +331,6 @@ def build_parser(prog: str = CLI_NAME) -> argparse.ArgumentParser:
     release.add_argument("lease_id", type=_lease_ref)
     command("stats", "show the server's counters")
     map_ = command("map", "draw how the pool is used")
-    map_.add_argument("--json", action="store_true", help="the same data as JSON")
     map_.add_argument(
         "--cells",
         type=_cells,
@@ -496,48 +518,78 @@ def _lease_key(client: Leases, text: str) -> LeaseKey:
 
 
 def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> int:
-    """The command, and its line in the seed's words; the exit status."""
+    """The command, and its line in the seed's words (or its JSON object); the exit status."""
     command = args.command
     if command == "lease":
         lease_id = client.lease(args.size, args.duration)
-        _emit(
-            "You have leased %d bytes for %d MS with id %s" % (args.size, args.duration, lease_id)
+        _say(
+            args,
+            "You have leased %d bytes for %d MS with id %s" % (args.size, args.duration, lease_id),
+            {"lease_id": str(lease_id), "size": args.size, "duration_ms": args.duration},
         )
         return 0
     if command == "stats":
-        return _print_stats(client)
+        return _print_stats(client, args)
     if command == "map":
         _draw_map(client, args)
         return 0
     key = _lease_key(client, args.lease_id)
+    done = {"lease_id": str(args.lease_id)}
     if command == "set":
         if args.truncate:
             client.set(key, payload, truncate=True)
         else:
             client.set(key, payload, args.offset)
-        _emit("Data set for lease %s" % args.lease_id)
+        written = {"written": len(payload), "offset": args.offset, "truncate": args.truncate}
+        _say(args, "Data set for lease %s" % args.lease_id, dict(done, **written))
     elif command == "get":
         data = client.get(key, args.offset, args.length)
-        if args.raw:
+        if args.json:
+            _emit(_as_json(dict(done, **_read(args, data))))
+        elif args.raw:
             _emit(data, end=b"")
         else:
             text = data.split(b"\0", 1)[0]
             _emit(b"Data get for lease %s: %s" % (os.fsencode(args.lease_id), text))
     elif command == "renew":
         client.renew(key, args.duration)
-        _emit("Lease %s renewed for %d MS" % (args.lease_id, args.duration))
+        renewed = dict(done, duration_ms=args.duration)
+        _say(args, "Lease %s renewed for %d MS" % (args.lease_id, args.duration), renewed)
     else:
         client.release(key)
-        _emit("Lease %s released" % args.lease_id)
+        _say(args, "Lease %s released" % args.lease_id, done)
     return 0
 
 
-def _print_stats(client: Leases) -> int:
+def _say(args: argparse.Namespace, line: str, fields: Mapping[str, object]) -> None:
+    """A command's result: its line, or with --json its fields as one JSON object."""
+    _emit(_as_json(fields) if args.json else line)
+
+
+def _as_json(fields: Mapping[str, object]) -> str:
+    """One JSON object on one line, in ASCII: whatever the locale, it reads back whole."""
+    return json.dumps(fields)
+
+
+def _read(args: argparse.Namespace, data: bytes) -> Dict[str, object]:
+    """What get --json says of the bytes read: the text up to the first NUL, or with
+    --raw every byte in base64; bytes that are not UTF-8 are no text."""
+    fields: Dict[str, object] = {"offset": args.offset, "length": len(data)}
+    if args.raw:
+        fields["base64"] = base64.b64encode(data).decode("ascii")
+        return fields
+    try:
+        fields["text"] = data.split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotText() from None
+    return fields
+
+
+def _print_stats(client: Leases, args: argparse.Namespace) -> int:
     """``name value`` lines; for a cluster the sums, then ``server name value`` lines, and
     ``server down reason`` lines: a server down makes the status 1, all down an error."""
     if isinstance(client, MemLeaseClient):
-        for name, value in client.stats().items():
-            _emit("%s %d" % (name, value))
+        _print_counters(args, address_text(client.host, client.port), client.stats())
         return 0
     stats = client.stats()
     if not stats.servers:
@@ -545,14 +597,25 @@ def _print_stats(client: Leases) -> int:
             "no server is up: "
             + "; ".join("%s (%s)" % (server, why) for server, why in stats.down.items())
         )
-    for name, value in stats.total.items():
-        _emit("%s %d" % (name, value))
+    _print_counters(args, None, stats.total)
     for server, counters in stats.servers.items():
-        for name, value in counters.items():
-            _emit("%s %s %d" % (server, name, value))
+        _print_counters(args, server, counters, server + " ")
     for server, reason in stats.down.items():
-        _emit("%s down %s" % (server, reason))
+        down = {"server": server, "error": "down", "status": None, "reason": reason}
+        _say(args, "%s down %s" % (server, reason), down)
     return 1 if stats.down else 0
+
+
+def _print_counters(
+    args: argparse.Namespace, server: Optional[str], counters: Dict[str, int], prefix: str = ""
+) -> None:
+    """One server's counters (``server`` None: a cluster's sums) as ``name value`` lines
+    after ``prefix``, or as one JSON object."""
+    if args.json:
+        _emit(_as_json({"server": server, "stats": counters}))
+        return
+    for name, value in counters.items():
+        _emit("%s%s %d" % (prefix, name, value))
 
 
 def _draw_map(client: Leases, args: argparse.Namespace) -> None:
@@ -561,7 +624,7 @@ def _draw_map(client: Leases, args: argparse.Namespace) -> None:
         raise _UsageError("map: draws one server's pool: give one host")
     pool = client.pool_map(args.cells)
     if args.json:
-        _emit(json.dumps(pool._asdict()))
+        _emit(_as_json(pool._asdict()))
         return
     encoding = (sys.stdout.encoding if sys.stdout else None) or "ascii"
     try:
@@ -580,15 +643,17 @@ def _first_line(args: argparse.Namespace, error: MemLeaseError) -> str:
         return "Failed to create lease."
     if args.command == "get" and isinstance(error, LeaseNotFound):
         return "Data not found for %s." % args.lease_id
+    note = _status_note(error.status)
     if args.command in ("stats", "map"):
-        return "Error: unable %s%s" % (args.command, _status_note(error))
-    return "Error: unable %s for lease %s%s" % (args.command, args.lease_id, _status_note(error))
+        return "Error: unable %s%s" % (args.command, note)
+    return "Error: unable %s for lease %s%s" % (args.command, args.lease_id, note)
 
 
 def _refusal_reason(
     client: Leases, args: argparse.Namespace, payload: bytes, error: MemLeaseError
 ) -> str:
-    """Why the server refused, in the user's terms; asks the server for sizes if need be."""
+    """Why the server refused, in the user's terms; asks the server for sizes if need be.
+    The status code is not in it: the reason line adds it."""
     status = error.status
     text = protocol.STATUS_TEXT.get(status, str(error)) if status is not None else str(error)
     if isinstance(error, LeaseNotFound):
@@ -601,12 +666,12 @@ def _refusal_reason(
         text = _range_refusal(client, args, payload) or text
     elif isinstance(error, MemLeaseProtocolError) and status == protocol.FRAME_TOO_LARGE:
         text = "%d bytes is more than the server takes in one request" % len(payload)
-    return "reason: %s%s" % (text, _status_note(error))
+    return text
 
 
-def _status_note(error: MemLeaseError) -> str:
+def _status_note(status: Optional[int]) -> str:
     """`` (-2)``: the server's status code, as the seed shows it; nothing without one."""
-    return "" if error.status is None else " (%d)" % error.status
+    return "" if status is None else " (%d)" % status
 
 
 def _lease_refusal(client: Leases, size: int) -> Optional[str]:
@@ -725,22 +790,26 @@ def _main(prog: str, argv: List[str]) -> int:
     client = _open(args)
     try:
         return _run(client, args, payload)
-    except Unauthorized:
-        _complain("%s: %s" % (prog, _unauthorized(args.token_file)))
+    except Unauthorized as exc:
+        _failed(prog, args, _unauthorized(args.token_file), exc.status)
         return 1
     except (MemLeaseConnectionError, MemLeaseProtocolError, ServerBusy) as exc:
         if args.command == "set" and exc.status == protocol.FRAME_TOO_LARGE:
-            _refused(client, args, payload, exc)
+            _refused(prog, client, args, payload, exc)
         else:
-            _complain("%s: %s%s" % (prog, exc, _port_hint(exc)))
+            _failed(prog, args, "%s%s" % (exc, _port_hint(exc)), exc.status)
         return 1
     except InvalidArgument as exc:
         if exc.status is not None:  # the server refused
-            _refused(client, args, payload, exc)
+            _refused(prog, client, args, payload, exc)
             return 1
         raise _UsageError(str(exc)) from None
     except MemLeaseError as exc:
-        _refused(client, args, payload, exc)
+        _refused(prog, client, args, payload, exc)
+        return 1
+    except _NotText:
+        why = "its bytes before the first NUL are not UTF-8: add --raw for them all in base64"
+        _failed(prog, args, "no text in lease %s" % args.lease_id, None, why)
         return 1
     finally:
         client.close()
@@ -756,8 +825,28 @@ def _port_hint(error: MemLeaseError) -> str:
 
 
 def _refused(
-    client: Leases, args: argparse.Namespace, payload: bytes, error: MemLeaseError
+    prog: str, client: Leases, args: argparse.Namespace, payload: bytes, error: MemLeaseError
 ) -> None:
     """The seed's line for the refusal, then the reason on a line of its own."""
-    _emit(_first_line(args, error))
-    _emit(_refusal_reason(client, args, payload, error))
+    reason = _refusal_reason(client, args, payload, error)
+    _failed(prog, args, _first_line(args, error), error.status, reason)
+
+
+def _failed(
+    prog: str,
+    args: argparse.Namespace,
+    error: str,
+    status: Optional[int] = None,
+    reason: Optional[str] = None,
+) -> None:
+    """A run that failed.  With --json: one object with the error, the status (the server's
+    code, or null) and the reason (null when the error says it all).  Otherwise a refusal
+    is the error and ``reason: ...`` on standard output, anything else one line on
+    standard error."""
+    if args.json:
+        _emit(_as_json({"error": error, "status": status, "reason": reason}))
+    elif reason is None:
+        _complain("%s: %s" % (prog, error))
+    else:
+        _emit(error)
+        _emit("reason: %s%s" % (reason, _status_note(status)))

@@ -13,6 +13,7 @@ docs/scaling.md explains the choices.
 """
 
 import functools
+import os
 import random
 import socket
 import ssl
@@ -54,6 +55,7 @@ from memlease_client import (
     renew_call,
     set_call,
     stats_call,
+    unix_path,
 )
 
 DEFAULT_DEAD_TIMEOUT = 10.0
@@ -79,8 +81,13 @@ Handle = Union[LeaseHandle, str]
 
 def parse_server(text: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
     """``host[:port]`` (IPv6 in brackets, ``[::1]:412``); without a port, ``default_port``,
-    as a bare IPv6 address takes."""
+    as a bare IPv6 address takes.  ``unix:PATH`` is a Unix socket, with no port of its own."""
     text = text.strip()
+    path = unix_path(text)
+    if path is not None:
+        if not path:
+            raise InvalidArgument("server %r names no socket file: write unix:PATH" % text)
+        return text, default_port
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -133,8 +140,12 @@ def parse_lease_id(text: str) -> Optional[Union[uuid.UUID, int]]:
 
 @functools.lru_cache(maxsize=256)
 def _addresses(server: str) -> FrozenSet[Tuple[str, int]]:
-    """The addresses a ``host:port`` name reaches; none if it does not resolve."""
+    """The addresses a ``host:port`` name reaches; none if it does not resolve.  A Unix
+    socket's is its file's real path."""
     host, port = parse_server(server)
+    path = unix_path(host)
+    if path is not None:
+        return frozenset({(os.path.realpath(path), 0)})
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):

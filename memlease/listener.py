@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, cast
@@ -20,6 +21,7 @@ import protocol
 from memlease.connection import Connection, Service
 from memlease.loop import EventLoop, Timer
 from memlease.store import LeaseStore
+from memlease.unixsocket import DEFAULT_MODE, UnixListener
 
 log = logging.getLogger("memlease")
 
@@ -45,6 +47,24 @@ class Peer:
             return str(self.address) or "local"
         host, port = self.address[:2]
         return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+_CREDENTIALS = struct.Struct("3i")  # pid, uid, gid: what SO_PEERCRED gives
+
+
+def unix_peer(sock: socket.socket) -> str:
+    """A Unix socket's peer, named for the log and the limits by the user it runs as
+    (where the system tells: Linux), else ``local``."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return "local"
+    try:
+        _, uid, _ = _CREDENTIALS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, option, _CREDENTIALS.size)
+        )
+    except (OSError, struct.error):
+        return "local"
+    return "local uid %d" % uid
 
 
 def default_max_connections() -> int:
@@ -420,6 +440,9 @@ class MemLeaseServer:
     called from any thread or a signal handler: the server stops accepting and
     reading, answers every request already received, flushes, closes each connection
     with a FIN, and then ``serve_forever()`` returns.
+
+    ``unix`` adds a Unix socket at that path (its file made with ``unix_mode``, removed
+    at the stop); it is served without TLS, as its peers are on this host.
     """
 
     def __init__(
@@ -436,6 +459,8 @@ class MemLeaseServer:
         service: Optional[Service] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         loop: Optional[EventLoop] = None,
+        unix: Optional[str] = None,
+        unix_mode: int = DEFAULT_MODE,
     ) -> None:
         self.store = store
         self.loop = loop or EventLoop()
@@ -453,10 +478,22 @@ class MemLeaseServer:
         self.listeners: List[socket.socket] = list(sockets)
         if address is not None:
             self.listeners.append(listen(address))
+        self.unix: Optional[UnixListener] = None
+        if unix is not None:
+            try:
+                self.unix = UnixListener(unix, unix_mode)
+            except OSError:
+                for listener in self.listeners[len(sockets) :]:
+                    listener.close()
+                raise
+            self.listeners.append(self.unix.sock)
         for listener in self.listeners:
             listener.setblocking(False)
             self.loop.add_reader(listener.fileno(), self._acceptor(listener))
-        self.server_address: Tuple[str, int] = self.listeners[0].getsockname()[:2]
+        # The first TCP listener's address; ("", 0) when there is only a Unix socket.
+        self.server_address: Tuple[str, int] = next(
+            (tcp.getsockname()[:2] for tcp in self._tcp_listeners()), ("", 0)
+        )
         self.channels: Set[Channel] = set()
         self.service.connections = self.channels.__len__
         self._stopping = threading.Event()
@@ -495,8 +532,7 @@ class MemLeaseServer:
         """Release the sockets, the loop and the store."""
         for channel in list(self.channels):
             channel.close()
-        for listener in self.listeners:
-            listener.close()
+        self._close_listeners()
         self.loop.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -506,7 +542,7 @@ class MemLeaseServer:
         loop = self.loop
         for listener in self.listeners:
             loop.forget(listener.fileno())
-            listener.close()
+        self._close_listeners()
         deadline = time.monotonic() + SHUTDOWN_SECONDS
         for channel in list(self.channels):
             channel.stop()
@@ -514,6 +550,16 @@ class MemLeaseServer:
             loop.run_once(timeout=max(deadline - time.monotonic(), 0.0))
         for channel in list(self.channels):
             channel.close()
+
+    def _close_listeners(self) -> None:
+        """Close every listening socket, and remove the Unix socket's file."""
+        for listener in self.listeners:
+            listener.close()
+        if self.unix is not None:
+            self.unix.close()
+
+    def _tcp_listeners(self) -> List[socket.socket]:
+        return [listener for listener in self.listeners if listener.family != socket.AF_UNIX]
 
     def _woken(self) -> None:
         try:
@@ -535,13 +581,14 @@ class MemLeaseServer:
                 self.service.warn("accept", "", "accept failed: %s", exc)
                 self._pause_accepting(listener)
                 return
-            peer = Peer(address)
-            refusal = service.refusal(address)
+            peer = Peer(address if tcp else unix_peer(sock))
+            tls = self.ssl_context if tcp else None
+            refusal = service.refusal(peer.address)
             if refusal is not None:  # refused before a byte is read or a handshake is made
                 counter, reason = refusal
                 service.counters[counter] += 1
                 self.service.warn(counter, peer, "%s refused: %s", peer, reason)
-                _refuse(sock, None if self.ssl_context else protocol.UNAUTHORIZED)
+                _refuse(sock, None if tls else protocol.UNAUTHORIZED)
                 continue
             if len(self.channels) >= self.max_connections:
                 service.counters["connections_refused"] += 1
@@ -553,11 +600,9 @@ class MemLeaseServer:
             sock.setblocking(False)
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
+            if tls is not None:
                 try:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
+                    sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 except (OSError, ssl.SSLError) as exc:
                     log.info("%s TLS setup failed: %s", peer, exc)
                     sock.close()
@@ -624,7 +669,10 @@ class MemLeaseServer:
 
     @property
     def is_loopback(self) -> bool:
-        return ipaddress.ip_address(self.server_address[0]).is_loopback
+        """Whether only this host can reach the server: TCP on loopback, or Unix sockets."""
+        return all(
+            ipaddress.ip_address(tcp.getsockname()[0]).is_loopback for tcp in self._tcp_listeners()
+        )
 
     # Stats.
 

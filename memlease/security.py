@@ -515,9 +515,12 @@ def _switching(account: Optional[pwd.struct_passwd]) -> bool:
     return account is not None and os.geteuid() == 0 and account.pw_uid != 0
 
 
-def check_writable(account: Optional[pwd.struct_passwd], path: str) -> None:
-    """Make sure ``account`` will be able to replace ``path`` after the drop (a state file
-    saved at stop), so a misconfiguration is refused at start, not found at the last save.
+def check_writable(
+    account: Optional[pwd.struct_passwd], path: str, purpose: str = "where the state is saved"
+) -> None:
+    """Make sure ``account`` will be able to replace or remove ``path`` after the drop (a
+    state file saved at stop, a socket file removed), so a misconfiguration is refused at
+    start, not found at the stop; ``purpose`` says what the directory is for.
 
     Checked as the account for a moment (effective ids; root's are restored); raises
     PermissionError.
@@ -525,8 +528,7 @@ def check_writable(account: Optional[pwd.struct_passwd], path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(
-            "the directory %s, where the state is saved, does not exist: create it first"
-            % directory
+            "the directory %s, %s, does not exist: create it first" % (directory, purpose)
         )
     if account is None or not _switching(account):
         return
@@ -540,9 +542,17 @@ def check_writable(account: Optional[pwd.struct_passwd], path: str) -> None:
         os.setegid(0)
     if not allowed:
         raise PermissionError(
-            "user %s cannot write in %s, where the state is saved: give it the directory, "
-            "or choose --user" % (account.pw_name, directory)
+            "user %s cannot write in %s, %s: give it the directory, or choose --user"
+            % (account.pw_name, directory, purpose)
         )
+
+
+def hand_over(account: Optional[pwd.struct_passwd], path: str) -> None:
+    """Give a file made as root (the Unix socket) to the account the server becomes, so its
+    mode speaks of that user and group, and the user may remove it at the stop even from a
+    sticky directory such as /tmp.  The path itself is changed, never what it may link to."""
+    if account is not None and _switching(account):
+        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
 
 
 def drop_privileges(

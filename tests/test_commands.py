@@ -6,11 +6,14 @@ The installed commands are run through the wrapper pip writes for a console scri
 ``memlease-server``), with the project on PYTHONPATH.
 """
 
+import base64
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -254,3 +257,101 @@ def test_the_client_presents_the_token_of_its_token_file(tmp_path: Path) -> None
         out = run([sys.executable, CLIENT, *where, "--token-file", str(wrong), "stats"])
     assert (out.returncode, out.stdout) == (1, b"")
     assert out.stderr == b"memlease_client.py: the server refused the token in %s\n" % bytes(wrong)
+
+
+# Output for scripts: --json on every command.
+
+
+def json_run(*argv: str, stdin: bytes = b"") -> "subprocess.CompletedProcess[bytes]":
+    return run([sys.executable, CLIENT, *argv, "--json"], stdin=stdin)
+
+
+def one_object(out: "subprocess.CompletedProcess[bytes]", status: int = 0) -> Dict[str, object]:
+    """The one JSON object a run printed, alone on its line, after the status asked for."""
+    assert (out.returncode, out.stderr) == (status, b""), out
+    assert out.stdout.endswith(b"\n") and out.stdout.count(b"\n") == 1, out.stdout
+    parsed = json.loads(out.stdout)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_every_command_prints_one_json_object_and_the_id_needs_no_cutting() -> None:
+    with server_process("4K", "-q") as server:
+        where = ["127.0.0.1", str(server.port)]
+        script = (
+            'id=$("$@" lease 1K 5s --json | "$0" -c '
+            '\'import json,sys; print(json.load(sys.stdin)["lease_id"])\') && echo "$id"'
+        )
+        out = run(["bash", "-c", script, sys.executable, sys.executable, CLIENT, *where])
+        assert out.returncode == 0 and uuid.UUID(out.stdout.strip().decode()).version == 4, out
+        leased = one_object(json_run(*where, "lease", "100", "1m"))
+        lease_id = leased["lease_id"]
+        assert isinstance(lease_id, str) and uuid.UUID(lease_id).version == 4  # its text
+        assert leased == {"lease_id": lease_id, "size": 100, "duration_ms": 60000}
+        assert one_object(json_run(*where, "set", lease_id, "h\u00e9llo")) == {
+            "lease_id": lease_id,
+            "written": 7,
+            "offset": 0,
+            "truncate": False,
+        }
+        assert one_object(json_run(*where, "get", lease_id)) == {
+            "lease_id": lease_id,
+            "offset": 0,
+            "length": 100,
+            "text": "h\u00e9llo",
+        }
+        raw = one_object(
+            json_run(*where, "get", lease_id, "--raw", "--offset", "1", "--length", "7")
+        )
+        assert base64.b64decode(str(raw["base64"])) == "\u00e9llo\0".encode() + b"\0"
+        assert "text" not in raw and raw["length"] == 7
+        renewed = one_object(json_run(*where, "renew", lease_id, "2m"))
+        assert renewed == {"lease_id": lease_id, "duration_ms": 120000}
+        stats = one_object(json_run(*where, "stats"))
+        assert stats["server"] == "127.0.0.1:%d" % server.port
+        assert stats["stats"]["live_leases"] == 2 and stats["stats"]["pool_bytes"] == 4096  # type: ignore[index]
+        pool = one_object(json_run(*where, "map", "--cells", "2"))
+        assert pool["pool_bytes"] == 4096 and len(pool["used"]) == 2  # type: ignore[arg-type]
+        assert one_object(json_run(*where, "release", lease_id)) == {"lease_id": lease_id}
+
+
+def test_a_failure_in_json_gives_the_error_the_status_and_the_reason() -> None:
+    with server_process("4K", "-q") as server:
+        where = ["127.0.0.1", str(server.port)]
+        assert one_object(json_run(*where, "lease", "8K"), 1) == {
+            "error": "Failed to create lease due to insufficient resources on the server.",
+            "status": -2,
+            "reason": "8 KiB is more than the server's whole pool (4 KiB)",
+        }
+        lease_id = str(one_object(json_run(*where, "lease", "16", "1m"))["lease_id"])
+        gone = str(one_object(json_run(*where, "lease", "16", "1m"))["lease_id"])
+        one_object(json_run(*where, "release", gone))
+        assert one_object(json_run(*where, "get", gone), 1) == {
+            "error": "Data not found for %s." % gone,
+            "status": -1,
+            "reason": "lease %s does not exist: it expired, was released, or never was" % gone,
+        }
+        one_object(json_run(*where, "set", lease_id, "--file", "-", stdin=b"\xff\xfe"))
+        assert one_object(json_run(*where, "get", lease_id), 1) == {
+            "error": "no text in lease %s" % lease_id,
+            "status": None,
+            "reason": "its bytes before the first NUL are not UTF-8: add --raw for them all "
+            "in base64",
+        }
+        raw = one_object(json_run(*where, "get", lease_id, "--raw"))
+        assert base64.b64decode(str(raw["base64"])) == b"\xff\xfe" + bytes(14)
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+            down = "127.0.0.1:%d" % closed.getsockname()[1]
+            refused = one_object(json_run(down, "stats"), 1)
+            assert refused == {
+                "error": "cannot connect to %s: Connection refused" % down,
+                "status": None,
+                "reason": None,
+            }
+            out = json_run("%s,%s" % (where[0] + ":" + where[1], down), "stats")
+    assert (out.returncode, out.stderr) == (1, b"")  # a cluster with a server down
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["server"] for line in lines] == [None, "127.0.0.1:%s" % where[1], down]
+    assert lines[0]["stats"]["pool_bytes"] == 4096  # the sums over the servers up
+    assert lines[2]["error"] == "down" and lines[2]["reason"].startswith("cannot connect to ")

@@ -75,6 +75,14 @@ def test_the_readme_has_python_examples_and_a_session() -> None:
     ]
 
 
+def test_the_api_section_shows_asyncio_and_the_pool_map() -> None:
+    api = README[README.index("## The Python API") : README.index("## The server")]
+    codes = [code for _, code in python_blocks(api)]
+    assert any("AsyncMemLeaseClient" in code and "asyncio.run(" in code for code in codes)
+    assert any(".pool_map(" in code for code in codes)
+    assert "`pool_map(cells=1024)`" in api
+
+
 @pytest.mark.parametrize(
     "line, code", python_blocks(README), ids=[str(line) for line, _ in python_blocks(README)]
 )

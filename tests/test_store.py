@@ -456,6 +456,24 @@ def test_writes_and_reads_check_their_range():
         store.close()
 
 
+def test_a_quota_counts_only_living_leases_before_the_reaper_comes():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        ending = store.lease(100, 10, tenant=7, quota=256)
+        staying = store.lease(100, 60_000, tenant=7, quota=256)
+        assert isinstance(ending, bytes) and isinstance(staying, bytes)
+        assert store.lease(100, 60_000, tenant=7, quota=256) == protocol.OVER_QUOTA
+        clock.now += 0.010  # the first has ended; no reaper has run
+        assert store.tenant_usage(7) == (128, 1)
+        assert store.lease(200, 60_000, tenant=7, quota=256) == protocol.OVER_QUOTA  # 128 + 256
+        again = store.lease(100, 60_000, tenant=7, quota=256)  # 128 + 128: within the quota
+        assert isinstance(again, bytes) and store.tenant_usage(7) == (256, 2)
+        assert store.lease(1, 60_000, tenant=7, quota=256) == protocol.OVER_QUOTA
+    finally:
+        store.close()
+
+
 def test_another_tenants_lease_is_not_found_and_quotas_count_blocks():
     store = LeaseStore(1 << 12)
     try:
