@@ -35,6 +35,7 @@ from typing import (
 )
 
 import protocol
+from memlease import __version__ as __version__  # the project's one version
 
 DEFAULT_PORT = 412
 DEFAULT_DURATION_MS = 5000

@@ -94,7 +94,7 @@ def build_parser(prog: str = SERVER_NAME) -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  sudo %s 412 2048\n"
         "  %s 4120 16M --bind 127.0.0.1 -q\n"
-        "  MEMLEASE_TOKEN=secret %s 4120 1G --bind ::\n"
+        "  MEMLEASE_TOKEN=$(openssl rand -hex 16) %s 4120 1G --bind ::\n"
         "  %s 4120 1G --bind 127.0.0.1 --unix /run/memlease/memlease.sock\n" % (run, run, run, run),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -154,7 +154,8 @@ def build_parser(prog: str = SERVER_NAME) -> argparse.ArgumentParser:
         "--token-file",
         metavar="PATH",
         help="require clients to present a token: the one in this file, or one per tenant on "
-        "lines 'NAME TOKEN [MAX_BYTES]' (default: $MEMLEASE_TOKEN)",
+        "lines 'NAME TOKEN [MAX_BYTES]' (default: $MEMLEASE_TOKEN); tokens of fewer than 16 "
+        "bytes are refused",
     )
     parser.add_argument(
         "--no-short-ids",

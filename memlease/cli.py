@@ -761,7 +761,7 @@ def _unauthorized(token_file: Optional[str]) -> str:
     if token_file is not None:
         return "the server refused the token in %s" % token_file
     if not os.environ.get("MEMLEASE_TOKEN"):
-        return "the server wants a token: set MEMLEASE_TOKEN"
+        return "the server wants a token: set MEMLEASE_TOKEN or give --token-file"
     return "the server refused the token in MEMLEASE_TOKEN"
 
 

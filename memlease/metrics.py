@@ -36,6 +36,7 @@ STATUS_LABELS = {
     protocol.FRAME_TOO_LARGE: "frame_too_large",
     protocol.BUSY: "busy",
     protocol.SHORT_IDS_OFF: "short_ids_off",
+    protocol.OVER_QUOTA: "over_quota",
 }
 
 # (metric, type, help, stats key) for each figure taken straight from the stats.

@@ -150,6 +150,11 @@ def check_token_lengths(tenants: Tenants, source: str) -> None:
     """Refuse tokens shorter than MIN_TOKEN_BYTES: a token is the only secret a client
     needs, and a short one falls to guessing (raises ValueError, fit for one line)."""
     short = [name for name, length in tenants.token_lengths() if length < MIN_TOKEN_BYTES]
+    if short and tenants.one_token:
+        raise ValueError(
+            "%s: the token is shorter than %d bytes, short enough to guess: use a long "
+            "random token, e.g. from 'openssl rand -hex 16'" % (source, MIN_TOKEN_BYTES)
+        )
     if short:
         raise ValueError(
             "%s: the token%s of %s %s shorter than %d bytes, short enough to guess: "

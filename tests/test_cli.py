@@ -203,7 +203,8 @@ def test_4_not_found_is_said_one_way_and_tokens_are_told_apart(server: ServerPro
         assert outcome(out) == (
             1,
             b"",
-            b"memlease_client.py: the server wants a token: set MEMLEASE_TOKEN\n",
+            b"memlease_client.py: the server wants a token: set MEMLEASE_TOKEN "
+            b"or give --token-file\n",
         )
         out = cli("stats", port=guarded.port, env=environment(MEMLEASE_TOKEN="wrong"))
         assert outcome(out) == (

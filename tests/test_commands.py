@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -223,7 +224,8 @@ def test_the_docs_name_what_the_programs_do() -> None:
     operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     assert "poolmap" not in readme and "print usage" not in readme
     assert "as always" not in operations
-    assert "`running as user nobody` log line comes before them" in readme
+    assert "started as root, `running as user nobody`; `TLS is on`" in readme
+    assert "Then it prints `starting server on port PORT`" in readme
 
 
 # Durations with units, and the client's --token-file.
@@ -355,3 +357,11 @@ def test_a_failure_in_json_gives_the_error_the_status_and_the_reason() -> None:
     assert [line["server"] for line in lines] == [None, "127.0.0.1:%s" % where[1], down]
     assert lines[0]["stats"]["pool_bytes"] == 4096  # the sums over the servers up
     assert lines[2]["error"] == "down" and lines[2]["reason"].startswith("cannot connect to ")
+
+
+def test_the_api_says_the_projects_one_version() -> None:
+    import memlease
+    import memlease_client
+
+    assert memlease_client.__version__ == memlease.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", memlease.__version__)

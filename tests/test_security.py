@@ -133,9 +133,9 @@ def test_the_token_comes_from_the_environment_without_a_file():
 @pytest.mark.parametrize(
     "env, tokens, words",
     [
-        ({"MEMLEASE_TOKEN": "abc"}, None, "$MEMLEASE_TOKEN: the token of default is shorter"),
+        ({"MEMLEASE_TOKEN": "abc"}, None, "$MEMLEASE_TOKEN: the token is shorter than 16 bytes"),
         ({}, "alice a-long-enough-token\nbob short\n", "the token of bob is shorter than 16"),
-        ({}, "fifteen-bytes!!\n", "the token of default is shorter than 16 bytes"),
+        ({}, "fifteen-bytes!!\n", "the token is shorter than 16 bytes"),
     ],
 )
 def test_a_short_token_is_refused_at_start_in_one_line(tmp_path, env, tokens, words):
