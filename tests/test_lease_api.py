@@ -5,12 +5,36 @@ Every server is a real one on a loopback port from the OS (a loop in a thread, o
 process), stopped by the test that started it; waits are bounded and nothing is timed.
 """
 
+import contextlib
 import secrets
+import threading
+import time
 import uuid
+from typing import Iterator, Tuple
+
+import pytest
 
 import protocol
 from memlease import security
-from tests.helpers import closed_by_peer, connect, exchange, server_thread
+from memlease_client import (
+    InvalidArgument,
+    LeaseLost,
+    LeaseNotFound,
+    MemLeaseClient,
+    MemLeaseConnectionError,
+    MemLeaseProtocolError,
+)
+from tests.helpers import (
+    TIMEOUT,
+    client_for,
+    closed_by_peer,
+    connect,
+    exchange,
+    server_process,
+    server_thread,
+    wait_for,
+)
+from tests.test_ids import original_server
 
 
 def _short_forms(count: int) -> list:
@@ -88,3 +112,141 @@ def test_misses_on_uuids_in_a_renew_many_are_no_guessing():
         (still_open,) = exchange(sock, protocol.Stats().encode())
         assert isinstance(still_open, protocol.StatsReply)
     assert server.service.counters["connections_closed_guessing"] == 0
+
+
+# The blocking client.
+
+
+@contextlib.contextmanager
+def alice_and_bob() -> Iterator[Tuple[MemLeaseClient, MemLeaseClient]]:
+    """Clients of two tenants of one server."""
+    tenants = security.Tenants.parse("alice a-secret\nbob b-secret\n", "the file")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(server_thread(service={"tenants": tenants}))
+        alice = stack.enter_context(client_for(server, token="a-secret"))
+        yield alice, stack.enter_context(client_for(server, token="b-secret"))
+
+
+def test_ttl_says_the_time_left_the_last_duration_and_the_size():
+    with server_thread() as server, client_for(server) as client:
+        lease_id = client.lease(1000, 60000)
+        ttl = client.ttl(lease_id)
+        assert (ttl.granted_ms, ttl.size) == (60000, 1000) and 0 < ttl.remaining_ms <= 60000
+        client.renew(lease_id, 30000)
+        assert client.ttl(str(lease_id)).granted_ms == 30000  # its text names it too
+        assert client.pipeline().ttl(lease_id).ttl(lease_id).execute()[1].size == 1000
+        client.release(lease_id)
+        with pytest.raises(LeaseNotFound):
+            client.ttl(lease_id)
+
+
+def test_leases_lists_only_the_callers_living_leases_over_several_pages():
+    with alice_and_bob() as (alice, bob):
+        mine = {alice.lease(32, 60000) for _ in range(2500)}
+        theirs = {bob.lease(64, 60000) for _ in range(30)}
+        released = alice.lease(32, 60000)
+        alice.release(released)
+        ended = alice.lease(32, 20)
+        assert wait_for(lambda: _gone(alice, ended))  # it ended: it is not shown
+        listed = list(alice.leases())
+        assert len(listed) == len(mine) and {info.lease_id for info in listed} == mine
+        assert all(info.size == 32 and 0 < info.remaining_ms <= 60000 for info in listed)
+        assert {info.lease_id for info in bob.leases(page_size=7)} == theirs
+        with pytest.raises(InvalidArgument):
+            alice.leases(page_size=1001)
+
+
+def _gone(client: MemLeaseClient, lease_id: object) -> bool:
+    try:
+        client.ttl(lease_id)  # type: ignore[arg-type]
+    except LeaseNotFound:
+        return True
+    return False
+
+
+def test_leases_takes_more_than_one_page_and_a_request_a_page():
+    with server_thread() as server, client_for(server) as client:
+        leased = {client.lease(32, 60000) for _ in range(2500)}
+        assert {info.lease_id for info in client.leases()} == leased
+        pages = server.service.request_counts()[("leases", protocol.OK)]
+        assert 3 <= pages <= 2500 // 1000 + 1 + len(server.store._index) // 4096
+        assert {info.lease_id for info in client.leases(page_size=1)} == leased
+
+
+def test_renew_many_renews_the_living_and_returns_the_others_as_given():
+    with server_thread() as server, client_for(server) as client:
+        first, second, gone = (client.lease(32, 60000) for _ in range(3))
+        client.release(gone)
+        unknown = uuid.uuid4()
+        missed = client.renew_many([first, str(second), gone, unknown, 12345], 90000)
+        assert missed == [gone, unknown, 12345]
+        assert client.ttl(first).granted_ms == client.ttl(second).granted_ms == 90000
+        assert client.renew_many([], 1000) == []
+        with pytest.raises(InvalidArgument):
+            client.renew_many([first], 0)
+        # More ids than one request takes go in several, in one round trip.
+        assert client.renew_many([first, second] * 1250, 70000) == []
+        assert client.ttl(second).granted_ms == 70000
+    counts = server.service.request_counts()
+    assert counts[("renew-many", protocol.OK)] == 1 + 3
+
+
+def _keepalive_threads() -> int:
+    return sum(thread.name.startswith("keepalive") for thread in threading.enumerate())
+
+
+def test_keepalive_keeps_a_600_ms_lease_for_seconds_and_raises_lease_lost_when_released():
+    with server_thread() as server, client_for(server) as client, client_for(server) as other:
+        lease_id = client.lease(64, 600)
+        with client.keepalive(lease_id) as keeper:
+            time.sleep(2.0)  # more than three times its duration
+            assert client.get(lease_id, 0, 1) == b"\0" and not keeper.lost
+        assert client.ttl(lease_id).granted_ms == 600  # left to itself, not released
+        assert server.stats()["leases_renewed"] >= 6 and _keepalive_threads() == 0
+        with pytest.raises(LeaseLost) as raised, client.keepalive(lease_id) as keeper:
+            other.release(lease_id)
+            assert keeper.wait_lost(5.0) and keeper.lost
+            assert isinstance(keeper.reason, LeaseNotFound)
+        assert isinstance(raised.value.__cause__, LeaseNotFound)
+        assert "was lost: it no longer exists" in str(raised.value)
+        assert _keepalive_threads() == 0
+
+
+def test_keepalive_releases_on_exit_when_asked_and_lets_the_blocks_error_through():
+    with server_thread() as server, client_for(server) as client:
+        released, kept = client.lease(64, 600), client.lease(64, 600)
+        with client.keepalive(released, release=True) as keeper:
+            assert not keeper.lost
+        with pytest.raises(LeaseNotFound):
+            client.ttl(released)
+        with pytest.raises(ZeroDivisionError), client.keepalive(kept, release=False):
+            1 / 0  # noqa: B018
+        assert client.ttl(kept).size == 64 and _keepalive_threads() == 0
+        with pytest.raises(LeaseNotFound):  # nothing to keep: no thread is started
+            client.keepalive(released).__enter__()
+        assert _keepalive_threads() == 0 and server.stats()["live_leases"] == 1
+
+
+def test_keepalive_tries_again_through_a_dead_server_then_calls_the_lease_lost():
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(server_process("1M"))
+        client = stack.enter_context(MemLeaseClient("127.0.0.1", server.port, timeout=1.0))
+        lease_id = client.lease(64, 600)
+        with pytest.raises(LeaseLost) as raised, client.keepalive(lease_id) as keeper:
+            server.stop()
+            assert keeper.wait_lost(5.0)
+            assert isinstance(keeper.reason, MemLeaseConnectionError)
+    assert "no renewal got through before it surely ended" in str(raised.value)
+    assert _keepalive_threads() == 0
+
+
+def test_against_the_original_the_lease_api_fails_at_once_instead_of_waiting():
+    with original_server() as original:
+        with MemLeaseClient("127.0.0.1", original.port, timeout=TIMEOUT) as client:
+            with pytest.raises(MemLeaseProtocolError, match="ttl: the C\\+\\+"):
+                client.ttl(123)
+            assert client.server_version == 1  # the probe went in front, and told
+            with pytest.raises(MemLeaseProtocolError, match="renew: the C\\+\\+"):
+                client.renew(123, 1000)
+        # Only the probe was sent: nothing the original never answers, to wait for.
+        assert [msg_type for msg_type, _ in original.seen] == [protocol.ACCESS_DATA]
