@@ -334,6 +334,11 @@ def _lease_text(lease_id: Union[int, bytes]) -> str:
     return "lease " + protocol.id_text(lease_id)
 
 
+def checked_id_text(lease_id: LeaseId) -> str:
+    """``lease <id>`` for an id the API takes, checked as every call checks it."""
+    return _lease_text(_checked_id(lease_id))
+
+
 def _data(request: protocol.Request, reply: protocol.Reply) -> bytes:
     lease_id: Union[int, bytes] = request.lease_id  # type: ignore[union-attr]  # get, read
     if isinstance(reply, protocol.DataSet):  # a refused ranged read
@@ -625,13 +630,16 @@ def frame_parts(request: protocol.Request) -> Tuple[bytes, ...]:
 
 def listing(fetch: Callable[[Call], Any], page_size: int) -> Iterator[LeaseInfo]:
     """Every lease of the pages ``fetch`` gets, page after page until the last."""
-    cursor = 0
-    while True:
-        page: LeasePage = fetch(page_call(cursor, page_size))
+    call: Optional[Call] = page_call(0, page_size)
+    while call is not None:
+        page: LeasePage = fetch(call)
         yield from page.leases
-        cursor = page.next_cursor
-        if not cursor:
-            return
+        call = next_page_call(page, page_size)
+
+
+def next_page_call(page: LeasePage, page_size: int) -> Optional[Call]:
+    """The call for the page after ``page``; None after the last."""
+    return page_call(page.next_cursor, page_size) if page.next_cursor else None
 
 
 # Keeping a lease alive.
@@ -690,27 +698,13 @@ class KeepAliveSchedule:
         return self.lost or release_error
 
 
-class KeepAlive:
-    """A lease renewed by a daemon thread while a ``with`` block runs (see
-    MemLeaseClient.keepalive); the thread is stopped on leaving, whatever happens.
+class KeptLease:
+    """What a keepalive tells of its lease: the thread's (KeepAlive) and the asyncio
+    task's alike.  Its schedule is made on entering the block, from the lease's ttl."""
 
-    If the block raises, its exception goes on: LeaseLost, or the release's failure, is
-    raised only on leaving a block that ran through (``lost`` and ``reason`` say it too).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        ttl: Callable[[], LeaseTTL],
-        renew: Callable[[int], None],
-        release: Optional[Callable[[], None]],
-    ) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self._ttl, self._renew, self._release = ttl, renew, release
         self._schedule: Optional[KeepAliveSchedule] = None
-        self._stopping = threading.Event()
-        self._lost = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="keepalive " + name, daemon=True)
 
     @property
     def lost(self) -> bool:
@@ -727,14 +721,39 @@ class KeepAlive:
         """The duration each renewal gives: the lease's last, as ttl told it."""
         return 0 if self._schedule is None else self._schedule.duration_ms
 
+    def _begin(self, ttl: LeaseTTL, asked: float) -> KeepAliveSchedule:
+        self._schedule = KeepAliveSchedule(self.name, ttl, asked, time.monotonic())
+        return self._schedule
+
+
+class KeepAlive(KeptLease):
+    """A lease renewed by a daemon thread while a ``with`` block runs (see
+    MemLeaseClient.keepalive); the thread is stopped on leaving, whatever happens.
+
+    If the block raises, its exception goes on: LeaseLost, or the release's failure, is
+    raised only on leaving a block that ran through (``lost`` and ``reason`` say it too).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        ttl: Callable[[], LeaseTTL],
+        renew: Callable[[int], None],
+        release: Optional[Callable[[], None]],
+    ) -> None:
+        super().__init__(name)
+        self._ttl, self._renew, self._release = ttl, renew, release
+        self._stopping = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keepalive " + name, daemon=True)
+
     def wait_lost(self, timeout: Optional[float] = None) -> bool:
         """Block until the lease is lost (True) or ``timeout`` seconds pass (False)."""
         return self._lost.wait(timeout)
 
     def __enter__(self) -> "KeepAlive":
         asked = time.monotonic()
-        ttl = self._ttl()
-        self._schedule = KeepAliveSchedule(self.name, ttl, asked, time.monotonic())
+        self._begin(self._ttl(), asked)
         self._thread.start()
         return self
 
@@ -1106,7 +1125,7 @@ class MemLeaseClient:
         lease is released on leaving.
         """
         return KeepAlive(
-            _lease_text(_checked_id(lease_id)),
+            checked_id_text(lease_id),
             functools.partial(self.ttl, lease_id),
             functools.partial(self.renew, lease_id),
             functools.partial(self.release, lease_id) if release else None,

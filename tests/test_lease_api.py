@@ -5,7 +5,9 @@ Every server is a real one on a loopback port from the OS (a loop in a thread, o
 process), stopped by the test that started it; waits are bounded and nothing is timed.
 """
 
+import asyncio
 import contextlib
+import re
 import secrets
 import threading
 import time
@@ -16,6 +18,8 @@ import pytest
 
 import protocol
 from memlease import security
+from memlease.aio import AsyncMemLeaseClient
+from memlease.cluster import LeaseHandle, MemLeaseCluster
 from memlease_client import (
     InvalidArgument,
     LeaseLost,
@@ -250,3 +254,136 @@ def test_against_the_original_the_lease_api_fails_at_once_instead_of_waiting():
                 client.renew(123, 1000)
         # Only the probe was sent: nothing the original never answers, to wait for.
         assert [msg_type for msg_type, _ in original.seen] == [protocol.ACCESS_DATA]
+
+
+# The asyncio client.
+
+
+def _async_client(server: object) -> AsyncMemLeaseClient:
+    host, port = server.server_address  # type: ignore[attr-defined]
+    return AsyncMemLeaseClient(host, port, timeout=TIMEOUT)
+
+
+def test_the_async_client_has_ttl_leases_and_renew_many():
+    async def main(client: AsyncMemLeaseClient) -> None:
+        async with client:
+            leased = [await client.lease(32, 60000) for _ in range(1200)]
+            assert (await client.ttl(leased[0])).granted_ms == 60000
+            listed = [info.lease_id async for info in client.leases(page_size=500)]
+            assert sorted(listed) == sorted(leased)
+            await client.release(leased[0])
+            assert await client.renew_many(leased[:3], 90000) == [leased[0]]
+            assert (await client.ttl(leased[1])).granted_ms == 90000
+            with pytest.raises(LeaseNotFound):
+                await client.ttl(leased[0])
+
+    with server_thread() as server:
+        asyncio.run(main(_async_client(server)))
+    assert server.service.request_counts()[("leases", protocol.OK)] >= 3
+
+
+def _keepalive_tasks() -> int:
+    tasks = asyncio.all_tasks()
+    return sum(task.get_coro().__qualname__ == "AsyncKeepAlive._run" for task in tasks)
+
+
+def test_async_keepalive_keeps_a_600_ms_lease_and_raises_lease_lost_when_released():
+    async def main(client: AsyncMemLeaseClient, other: AsyncMemLeaseClient) -> None:
+        async with client, other:
+            lease_id = await client.lease(64, 600)
+            async with client.keepalive(lease_id) as keeper:
+                assert _keepalive_tasks() == 1
+                await asyncio.sleep(2.0)  # more than three times its duration
+                assert await client.get(lease_id, 0, 1) == b"\0" and not keeper.lost
+            assert (await client.ttl(lease_id)).granted_ms == 600
+            with pytest.raises(LeaseLost) as raised:
+                async with client.keepalive(lease_id) as keeper:
+                    await other.release(lease_id)
+                    for _ in range(500):  # bounded: 5 s at most
+                        if keeper.lost:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert keeper.lost and isinstance(keeper.reason, LeaseNotFound)
+            assert isinstance(raised.value.__cause__, LeaseNotFound)
+            kept = await client.lease(64, 600)
+            async with client.keepalive(kept, release=True):
+                pass
+            with pytest.raises(LeaseNotFound):
+                await client.ttl(kept)
+            assert _keepalive_tasks() == 0
+
+    with server_thread() as server:
+        asyncio.run(main(_async_client(server), _async_client(server)))
+    assert server.stats()["leases_renewed"] >= 6
+
+
+def test_the_async_client_probes_the_original_and_speaks_its_messages():
+    async def main(client: AsyncMemLeaseClient) -> None:
+        async with client:
+            lease_id = await client.lease(32, 5000)
+            assert type(lease_id) is int and client.server_version == 1
+            await client.set(lease_id, b"this is some text\0")
+            assert (await client.get(lease_id)).startswith(b"this is some text\0")
+            with pytest.raises(MemLeaseProtocolError, match="ttl: the C"):
+                await client.ttl(lease_id)
+
+    with original_server() as original:
+        asyncio.run(main(AsyncMemLeaseClient("127.0.0.1", original.port, timeout=TIMEOUT)))
+    assert original.seen[0] == (protocol.ACCESS_DATA, b"\0\0\0\0")  # the probe first
+    assert [msg_type for msg_type, _ in original.seen[1:]] == [1, 3, 4]
+    assert len(original.connections) == len(original.seen)  # one request a connection
+
+
+def test_the_async_probe_rides_with_the_first_lease_against_our_server():
+    async def main(client: AsyncMemLeaseClient) -> None:
+        async with client:
+            assert isinstance(await client.lease(32), uuid.UUID)
+            assert isinstance(await client.lease(32), uuid.UUID)
+            assert client.server_version == protocol.PROTOCOL_VERSION
+
+    with server_thread() as server:
+        asyncio.run(main(_async_client(server)))
+    counts = server.service.request_counts()
+    assert counts[("get", protocol.OK)] == 1 and counts[("grant", protocol.OK)] == 2
+    assert server.stats()["total_connections"] == 1
+
+
+# The cluster client.
+
+
+@contextlib.contextmanager
+def two_servers() -> Iterator[MemLeaseCluster]:
+    with contextlib.ExitStack() as stack:
+        names = []
+        for _ in range(2):
+            server = stack.enter_context(server_thread())
+            names.append("127.0.0.1:%d" % server.server_address[1])
+        yield stack.enter_context(MemLeaseCluster(names, timeout=TIMEOUT))
+
+
+def test_the_cluster_lists_every_servers_leases_as_handles_and_renews_them_in_groups():
+    with two_servers() as cluster:
+        handles = [cluster.lease(32, 60000) for _ in range(40)]
+        assert {handle.server for handle in handles} == set(cluster.servers)
+        listed = list(cluster.leases(page_size=7))
+        assert sorted(info.lease_id for info in listed) == sorted(handles)
+        assert all(isinstance(info.lease_id, LeaseHandle) for info in listed)
+        first, gone = handles[0], handles[1]
+        cluster.release(gone)
+        unknown = LeaseHandle(handles[2].server, uuid.uuid4())
+        asked = [str(first), gone, unknown] + handles[2:]
+        assert cluster.renew_many(asked, 90000) == [gone, unknown]
+        assert cluster.ttl(str(first)).granted_ms == cluster.ttl(handles[-1]).granted_ms == 90000
+        assert cluster.pipeline().ttl(first).execute()[0].size == 32
+
+
+def test_the_cluster_keeps_a_handles_lease_alive():
+    with two_servers() as cluster, contextlib.ExitStack() as stack:
+        handle = cluster.lease(64, 600)
+        keeper = stack.enter_context(cluster.keepalive(handle))
+        time.sleep(2.0)  # more than three times its duration
+        assert cluster.get(handle, 0, 1) == b"\0" and not keeper.lost
+        cluster.release(handle)
+        assert keeper.wait_lost(5.0)
+        with pytest.raises(LeaseLost, match=re.escape("lease %s was lost" % (handle,))):
+            stack.close()
