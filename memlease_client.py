@@ -448,14 +448,9 @@ def original_call(call: Call) -> Optional[Call]:
     return None
 
 
-# Requests that differ between the two servers (Grant), or that only this one answers and
-# that came after the probe: the server must be known before they are sent.
-_PROBED = (protocol.Grant, protocol.TimeToLive, protocol.ListLeases, protocol.RenewMany)
-
-
 def needs_probe(calls: Sequence[Call]) -> bool:
-    """Whether one of the calls needs to know which server it goes to."""
-    return any(isinstance(call.request, _PROBED) for call in calls)
+    """Whether the calls differ between the two servers (a lease), so one must be known."""
+    return any(isinstance(call.request, protocol.Grant) for call in calls)
 
 
 class Exchange(NamedTuple):
@@ -477,7 +472,8 @@ class RequestPath:
     yields each Exchange, is sent its replies, and returns the calls' results.  The first
     call that needs to know the server goes with the probe in front of it, which costs
     this server no round trip; the original then gets its own messages, one request a
-    connection, and a request it has no form of fails at once instead of waiting.
+    connection, and a request it has no form of fails at once instead of waiting (before
+    the server is known, such a request is sent as it is: only this server answers it).
     """
 
     def __init__(self) -> None:

@@ -7,8 +7,13 @@ process), stopped by the test that started it; waits are bounded and nothing is 
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -29,11 +34,14 @@ from memlease_client import (
     MemLeaseProtocolError,
 )
 from tests.helpers import (
+    CLIENT,
     TIMEOUT,
+    UUID_PATTERN,
     client_for,
     closed_by_peer,
     connect,
     exchange,
+    run_cli,
     server_process,
     server_thread,
     wait_for,
@@ -247,13 +255,16 @@ def test_keepalive_tries_again_through_a_dead_server_then_calls_the_lease_lost()
 def test_against_the_original_the_lease_api_fails_at_once_instead_of_waiting():
     with original_server() as original:
         with MemLeaseClient("127.0.0.1", original.port, timeout=TIMEOUT) as client:
-            with pytest.raises(MemLeaseProtocolError, match="ttl: the C\\+\\+"):
-                client.ttl(123)
+            lease_id = client.lease(32)
             assert client.server_version == 1  # the probe went in front, and told
+            with pytest.raises(MemLeaseProtocolError, match="ttl: the C\\+\\+"):
+                client.ttl(lease_id)
+            with pytest.raises(MemLeaseProtocolError, match="renew-many: the C\\+\\+"):
+                client.renew_many([lease_id], 1000)
             with pytest.raises(MemLeaseProtocolError, match="renew: the C\\+\\+"):
-                client.renew(123, 1000)
-        # Only the probe was sent: nothing the original never answers, to wait for.
-        assert [msg_type for msg_type, _ in original.seen] == [protocol.ACCESS_DATA]
+                client.renew(lease_id, 1000)
+        # Nothing the original never answers was sent, to wait for.
+        assert [msg_type for msg_type, _ in original.seen] == [protocol.ACCESS_DATA, 1]
 
 
 # The asyncio client.
@@ -387,3 +398,127 @@ def test_the_cluster_keeps_a_handles_lease_alive():
         assert keeper.wait_lost(5.0)
         with pytest.raises(LeaseLost, match=re.escape("lease %s was lost" % (handle,))):
             stack.close()
+
+
+# The command line.
+
+
+def _environment() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "MEMLEASE_TOKEN"}
+
+
+def _cli(port: int, *args: str) -> "subprocess.CompletedProcess[bytes]":
+    return run_cli(*args, port=port, env=_environment())
+
+
+def test_cli_ttl_and_leases():
+    with server_thread() as server:
+        port = server.server_address[1]
+        with client_for(server) as client:
+            big, small = client.lease(1000, 60000), client.lease(10, 30000)
+        out = _cli(port, "ttl", str(big))
+        assert (out.returncode, out.stderr) == (0, b"")
+        assert re.fullmatch(
+            rb"Lease %s has \d+ MS left of 60000 MS, 1000 bytes\n" % str(big).encode(), out.stdout
+        )
+        out = _cli(port, "leases")
+        assert (out.returncode, out.stderr) == (0, b"")
+        lines = sorted(out.stdout.decode().splitlines())
+        assert len(lines) == 2
+        for line, (lease_id, size) in zip(lines, sorted([(str(big), 1000), (str(small), 10)])):
+            assert re.fullmatch(r"%s %d bytes, \d+ MS left" % (lease_id, size), line), line
+        out = _cli(port, "ttl", str(uuid.uuid4()))
+        assert out.returncode == 1 and out.stdout.startswith(b"Error: unable ttl for lease ")
+        assert out.stdout.endswith(b"it expired, was released, or never was (-1)\n")
+
+
+def test_cli_leases_of_a_host_list_names_each_leases_server():
+    with two_servers() as cluster:
+        handles = {str(cluster.lease(32, 60000)) for _ in range(6)}
+        hosts = ",".join(cluster.servers)
+        out = subprocess.run(
+            [sys.executable, CLIENT, hosts, "leases"], capture_output=True, timeout=30,
+            env=_environment(),
+        )  # fmt: skip
+        assert (out.returncode, out.stderr) == (0, b"")
+        assert {line.split(" ", 1)[0] for line in out.stdout.decode().splitlines()} == handles
+
+
+@contextlib.contextmanager
+def _keeping(port: int, lease_id: object) -> Iterator["subprocess.Popen[bytes]"]:
+    """``keep ID`` running, once it has said it keeps the lease; stopped if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, CLIENT, "127.0.0.1", str(port), "keep", str(lease_id)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_environment(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 30)[0], "keep said nothing"
+        first = proc.stdout.readline()
+        assert re.fullmatch(
+            rb"Keeping lease %s alive: renewed for 600 MS every 200 MS until interrupted\n"
+            % str(lease_id).encode(),
+            first,
+        ), first
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_cli_keep_renews_until_interrupted_and_exits_0_with_a_line(stop):
+    with server_thread() as server, client_for(server) as client:
+        lease_id = client.lease(64, 600)
+        with _keeping(server.server_address[1], lease_id) as keeping:
+            time.sleep(2.0)  # more than three times its duration
+            assert client.ttl(lease_id).granted_ms == 600  # still there
+            keeping.send_signal(stop)
+            stdout, stderr = keeping.communicate(timeout=30)
+        assert (keeping.returncode, stderr) == (0, b"")
+        assert stdout == (
+            b"Lease %s no longer kept alive: it ends within 600 MS unless renewed\n"
+            % str(lease_id).encode()
+        )
+        assert client.ttl(lease_id).size == 64  # stopping keeps it: it ends in its own time
+
+
+def test_cli_keep_exits_1_with_a_line_when_the_lease_is_lost():
+    with server_thread() as server, client_for(server) as client:
+        lease_id = client.lease(64, 600)
+        with _keeping(server.server_address[1], lease_id) as keeping:
+            client.release(lease_id)
+            stdout, stderr = keeping.communicate(timeout=30)
+        text = str(lease_id).encode()
+        assert (keeping.returncode, stderr) == (1, b"")
+        assert stdout == (
+            b"Error: unable keep for lease %s (-1)\n"
+            b"reason: lease %s was lost: it no longer exists (released, or ended) (-1)\n"
+            % (text, text)
+        )
+
+
+def test_a_set_refused_for_length_learns_the_size_from_one_ttl_and_reads_nothing():
+    with server_thread() as server:
+        port = server.server_address[1]
+        with client_for(server) as client:
+            lease_id = str(client.lease(16, 60000))
+        out = _cli(port, "set", lease_id, "exactly16bytes!!")
+        assert out.returncode == 1 and out.stdout.endswith(
+            b"reason: 17 bytes with the trailing NUL the C++ client sends; the lease holds 16: "
+            b"use --file or --no-nul (-2)\n"
+        )
+        out = _cli(port, "get", lease_id, "--offset", "10", "--length", "10")
+        assert out.returncode == 1 and out.stdout.endswith(
+            b"reason: offset 10 + length 10 = 20 is outside the lease's 16 bytes (-3)\n"
+        )
+        counts = server.service.request_counts()
+        assert counts[("ttl", protocol.OK)] == 2  # one a refusal
+        assert {name for name, _ in counts} == {"grant", "get", "write", "read", "ttl"}
+        assert counts[("read", protocol.OUT_OF_RANGE)] == 1  # the user's own, and no other
+        assert counts[("get", protocol.OK)] == 1  # the probe the first lease carried
+        assert server.stats()["gets"] == 1  # the store's reads: that one again
+    assert re.fullmatch(UUID_PATTERN, lease_id.encode())
