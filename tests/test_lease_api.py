@@ -12,12 +12,14 @@ import re
 import secrets
 import select
 import signal
+import string
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from typing import Iterator, Tuple
+from pathlib import Path
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -48,12 +50,53 @@ from tests.helpers import (
 )
 from tests.test_ids import original_server
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _short_forms(count: int) -> list:
     return [protocol.short_form(secrets.randbelow(protocol.INT32_MAX) + 1) for _ in range(count)]
 
 
 # On the wire.
+
+
+def _frames_of_the_worked_example() -> List[bytes]:
+    """The request and reply frames of docs/protocol.md's worked example of the lease API:
+    hex words of 8 digits or more, on a request or reply line and the lines that go on."""
+    text = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    block = text.split("## Worked example (the lease API)", 1)[1].split("```")[1]
+    frames: List[str] = []
+    for line in block.splitlines():
+        words = line.split()
+        if words and words[0] in ("request", "reply"):
+            frames.append("")
+            words = words[1:]
+        for word in words:
+            if len(word) < 8 or not set(word) <= set(string.hexdigits):
+                break
+            frames[-1] += word
+    return [bytes.fromhex(frame) for frame in frames]
+
+
+def test_the_worked_example_of_docs_protocol_md():
+    wide = uuid.UUID("0b8e6c1a-5d8f-4e0c-9a47-2f1d3c5b7e90").bytes
+    short = protocol.short_form(123)
+    messages = [
+        protocol.TimeToLive(wide),
+        protocol.TimeToLiveReply(4200, 5000, 1024),
+        protocol.ListLeases(0, 1000),
+        protocol.LeaseList(0, (protocol.LeaseRow(wide, 1024, 4200, 0),)),
+        protocol.RenewMany(5000, (wide, short)),
+        protocol.RenewManyReply((short,)),
+    ]
+    frames = _frames_of_the_worked_example()
+    assert frames == [message.encode() for message in messages]
+    for frame, message, decoder in zip(
+        frames, messages, [protocol.request_decoder, protocol.reply_decoder] * 3
+    ):
+        decoding = decoder()
+        decoding.feed(frame)
+        assert decoding.next_message() == message
 
 
 def test_the_three_requests_on_the_wire():
