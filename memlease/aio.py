@@ -145,12 +145,23 @@ class _Link:
             self.fail(exc)
         # A cancelled caller leaves its waiter in line: its replies are read and dropped.
         replies = list(await asyncio.shield(futures[0]))
-        if probe is not None and not probe(replies[0]):
+        if probe is not None and not self._promises_more(probe, replies[0]):
             self.fail(ConnectionAbortedError("the server reads one request a connection"))
             return replies
         for future in futures[1:]:
             replies += await asyncio.shield(future)
         return replies
+
+    def _promises_more(
+        self, probe: Callable[[protocol.Reply], bool], reply: protocol.Reply
+    ) -> bool:
+        """What ``probe`` makes of its reply; one it cannot make sense of breaks the link,
+        as the blocking client drops its connection."""
+        try:
+            return probe(reply)
+        except BaseException as exc:
+            self.fail(exc)
+            raise
 
     async def _read_replies(self) -> None:
         try:

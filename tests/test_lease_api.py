@@ -12,6 +12,7 @@ import re
 import secrets
 import select
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -386,6 +387,51 @@ def test_the_async_client_probes_the_original_and_speaks_its_messages():
     assert original.seen[0] == (protocol.ACCESS_DATA, b"\0\0\0\0")  # the probe first
     assert [msg_type for msg_type, _ in original.seen[1:]] == [1, 3, 4]
     assert len(original.connections) == len(original.seen)  # one request a connection
+
+
+@contextlib.contextmanager
+def _answering_the_probe_with(reply: bytes) -> Iterator[int]:
+    """A server that answers the first bytes of each connection with ``reply``, then
+    waits for the connection to close: its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+
+    def serve() -> None:
+        for _ in range(2):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(TIMEOUT)
+                conn.recv(4096)
+                conn.sendall(reply)
+                with contextlib.suppress(OSError):
+                    while conn.recv(4096):
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(3 * TIMEOUT)
+
+
+def test_a_probe_answered_with_nonsense_fails_the_call_and_drops_the_connection():
+    async def main(client: AsyncMemLeaseClient) -> None:
+        async with client:
+            with pytest.raises(MemLeaseProtocolError, match="answered the probe with"):
+                await client.lease(32)
+            assert client._link is not None and client._link.failure is not None
+
+    nonsense = protocol.DataSet(protocol.OK).encode()
+    with _answering_the_probe_with(nonsense) as port:
+        client = MemLeaseClient("127.0.0.1", port, timeout=TIMEOUT)
+        with client, pytest.raises(MemLeaseProtocolError, match="answered the probe with"):
+            client.lease(32)
+        asyncio.run(main(AsyncMemLeaseClient("127.0.0.1", port, timeout=TIMEOUT)))
 
 
 def test_the_async_probe_rides_with_the_first_lease_against_our_server():
