@@ -14,16 +14,21 @@ memlease.cluster (several servers as one) and memlease.aio (asyncio) reuse its c
 checks and exceptions.
 """
 
+import functools
 import os
 import socket
 import ssl
 import sys
 import threading
+import time
 import uuid
 from typing import (
     Any,
     Callable,
     Dict,
+    Generator,
+    Iterable,
+    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -102,6 +107,11 @@ class MemLeaseProtocolError(MemLeaseError):
 
 class MemLeaseConnectionError(MemLeaseError):
     """Cannot connect, the connection broke, or the server did not answer in time."""
+
+
+class LeaseLost(MemLeaseError):
+    """A kept-alive lease ended: a renewal found it gone, or none got through before its
+    time surely ran out.  Its ``__cause__`` is the error that showed it."""
 
 
 class _ClosedBeforeReply(MemLeaseConnectionError):
@@ -251,6 +261,30 @@ def _checked_data(data: object) -> bytes:
     return cast(bytes, view)  # a view serves every use of bytes the encoders make
 
 
+class LeaseTTL(NamedTuple):
+    """What ttl() tells of a live lease."""
+
+    remaining_ms: int
+    granted_ms: int  # the duration of its last grant or renew
+    size: int
+
+
+class LeaseInfo(NamedTuple):
+    """One lease that leases() lists."""
+
+    lease_id: Any  # a uuid.UUID; a cluster's LeaseHandle in memlease.cluster
+    size: int
+    remaining_ms: int
+    short_id: int  # the short id the C++ client knows it by; 0 when it has none
+
+
+class LeasePage(NamedTuple):
+    """A page of leases() and the cursor of the next one (0 after the last)."""
+
+    leases: List[LeaseInfo]
+    next_cursor: int
+
+
 # Calls: a request and how its reply becomes a result, shared by every client.
 
 
@@ -304,6 +338,11 @@ def _lease_text(lease_id: Union[int, bytes]) -> str:
     return "lease " + protocol.id_text(lease_id)
 
 
+def checked_id_text(lease_id: LeaseId) -> str:
+    """``lease <id>`` for an id the API takes, checked as every call checks it."""
+    return _lease_text(_checked_id(lease_id))
+
+
 def _data(request: protocol.Request, reply: protocol.Reply) -> bytes:
     lease_id: Union[int, bytes] = request.lease_id  # type: ignore[union-attr]  # get, read
     if isinstance(reply, protocol.DataSet):  # a refused ranged read
@@ -340,6 +379,48 @@ def speaks_extensions(reply: protocol.Reply) -> bool:
     return _server_version(PROBE.request, reply) > ORIGINAL_VERSION
 
 
+def _ttl(request: protocol.Request, reply: protocol.Reply) -> LeaseTTL:
+    if isinstance(reply, protocol.DataSet):
+        _done(request, reply)  # an ended lease: LeaseNotFound
+    if not isinstance(reply, protocol.TimeToLiveReply):
+        raise _unexpected(request, reply)
+    return LeaseTTL(*reply)
+
+
+def _page(request: protocol.Request, reply: protocol.Reply) -> LeasePage:
+    if isinstance(reply, protocol.DataSet):
+        _done(request, reply)
+    if not isinstance(reply, protocol.LeaseList):
+        raise _unexpected(request, reply)
+    leases = [
+        LeaseInfo(uuid.UUID(bytes=row.lease_id), row.size, row.remaining_ms, row.short_id)
+        for row in reply.rows
+    ]
+    return LeasePage(leases, reply.next_cursor)
+
+
+def _not_renewed(
+    given: Sequence[Any], request: protocol.Request, reply: protocol.Reply
+) -> List[Any]:
+    """What the caller gave for each id the reply lists: the reply keeps the request's
+    order, so each is matched to the next one asked with its bytes."""
+    if isinstance(reply, protocol.DataSet):
+        _done(request, reply)
+    if not isinstance(reply, protocol.RenewManyReply):
+        raise _unexpected(request, reply)
+    asked: Tuple[bytes, ...] = request.lease_ids  # type: ignore[union-attr]  # a RenewMany
+    missed = iter(reply.lease_ids)
+    wanted = next(missed, None)
+    found = []
+    for lease_id, what in zip(asked, given):
+        if lease_id == wanted:
+            found.append(what)
+            wanted = next(missed, None)
+    if wanted is not None:
+        raise MemLeaseProtocolError("the server listed an id not asked to renew")
+    return found
+
+
 def _stats(request: protocol.Request, reply: protocol.Reply) -> Dict[str, int]:
     if not isinstance(reply, protocol.StatsReply):
         raise _unexpected(request, reply)
@@ -361,16 +442,82 @@ def lease_call(size: int, duration_ms: int) -> Call:
     return Call(protocol.Grant(_checked_size(size), _checked_duration(duration_ms)), _granted_id)
 
 
-def original_call(call: Call) -> Call:
-    """``call`` as the original server takes it: a lease through its Lease message."""
+def original_call(call: Call) -> Optional[Call]:
+    """``call`` as the original server takes it (a lease through its Lease message), or
+    None when it has no such request and would never answer."""
     if isinstance(call.request, protocol.Grant):
         return Call(protocol.Lease(*call.request), _lease_id)
-    return call
+    if isinstance(call.request, (protocol.SetData, protocol.AccessData)):
+        return call
+    return None
 
 
 def needs_probe(calls: Sequence[Call]) -> bool:
     """Whether the calls differ between the two servers (a lease), so one must be known."""
     return any(isinstance(call.request, protocol.Grant) for call in calls)
+
+
+class Exchange(NamedTuple):
+    """One round trip of a request plan: requests sent together, their replies awaited."""
+
+    requests: List[protocol.Request]
+    # With the probe first: whether its reply promises answers to the rest.
+    probe: Optional[Callable[[protocol.Reply], bool]] = None
+    reuse: bool = True  # whether the connection is kept for later calls
+
+
+RequestPlan = Generator[Exchange, List[protocol.Reply], List[Any]]
+
+
+class RequestPath:
+    """Which server a client talks to, and the round trips its calls take there.
+
+    Sans-IO, so that the blocking and the asyncio clients take the same steps: the plan
+    yields each Exchange, is sent its replies, and returns the calls' results.  The first
+    call that needs to know the server goes with the probe in front of it, which costs
+    this server no round trip; the original then gets its own messages, one request a
+    connection, and a request it has no form of fails at once instead of waiting (before
+    the server is known, such a request is sent as it is: only this server answers it).
+    """
+
+    def __init__(self) -> None:
+        self.server_version: Optional[int] = None
+
+    def plan(self, calls: Sequence[Call]) -> RequestPlan:
+        if self.server_version is None and needs_probe(calls):
+            requests = [PROBE.request] + [call.request for call in calls]
+            replies = yield Exchange(requests, probe=speaks_extensions)
+            self.server_version = PROBE.result(PROBE.request, replies[0])
+            if len(replies) == len(requests):
+                return results_of(calls, replies[1:])
+        if self.server_version == ORIGINAL_VERSION:
+            results: List[Any] = []
+            for call in calls:
+                original = original_call(call)
+                if original is None:
+                    results.append(_not_on_the_original(call.request))
+                    continue
+                replies = yield Exchange([original.request], reuse=False)
+                results.extend(results_of([original], replies))
+            return results
+        return results_of(calls, (yield Exchange([call.request for call in calls])))
+
+
+def _not_on_the_original(request: protocol.Request) -> MemLeaseError:
+    return MemLeaseProtocolError(
+        "%s: the C++ MemoryLease server has no such request" % protocol.request_name(request)
+    )
+
+
+def run_plan(plan: RequestPlan, exchange: Callable[[Exchange], List[protocol.Reply]]) -> List[Any]:
+    """Drive a request plan through ``exchange``; the calls' results."""
+    try:
+        step = next(plan)
+        while True:
+            step = plan.send(exchange(step))
+    except StopIteration as done:
+        results: List[Any] = done.value
+        return results
 
 
 def set_call(lease_id: LeaseId, data: bytes, offset: int = 0, truncate: bool = False) -> Call:
@@ -411,6 +558,39 @@ def stats_call() -> Call:
     return Call(protocol.Stats(), _stats)
 
 
+def ttl_call(lease_id: LeaseId) -> Call:
+    return Call(protocol.TimeToLive(_wide(_checked_id(lease_id))), _ttl)
+
+
+def page_call(cursor: int, page_size: int) -> Call:
+    """A page of leases(); ``page_size`` was checked by checked_page_size."""
+    return Call(protocol.ListLeases(cursor, page_size), _page)
+
+
+def checked_page_size(page_size: object) -> int:
+    value = _whole_number("page_size", page_size)
+    if not 0 < value <= protocol.MAX_ROWS:
+        raise InvalidArgument(
+            "page_size %d is not between 1 and %d" % (value, protocol.MAX_ROWS), protocol.INVALID
+        )
+    return value
+
+
+def renew_many_calls(named: Sequence[Tuple[Any, LeaseId]], duration_ms: int) -> List[Call]:
+    """RenewMany requests (MAX_ROWS ids each) for the ``(given, lease id)`` pairs: each
+    call's result lists what was given for the leases it could not renew."""
+    duration = _checked_duration(duration_ms)
+    wide = [_wide(_checked_id(lease_id)) for _, lease_id in named]
+    given = [what for what, _ in named]
+    return [
+        Call(
+            protocol.RenewMany(duration, tuple(wide[start : start + protocol.MAX_ROWS])),
+            functools.partial(_not_renewed, given[start : start + protocol.MAX_ROWS]),
+        )
+        for start in range(0, len(named), protocol.MAX_ROWS)
+    ]
+
+
 def pool_map_call(cells: int) -> Call:
     count = _whole_number("cells", cells)
     if not 0 < count <= protocol.INT32_MAX:
@@ -446,6 +626,165 @@ def frame_parts(request: protocol.Request) -> Tuple[bytes, ...]:
     ):
         return request.head(), request.data
     return (request.encode(),)
+
+
+def listing(fetch: Callable[[Call], Any], page_size: int) -> Iterator[LeaseInfo]:
+    """Every lease of the pages ``fetch`` gets, page after page until the last."""
+    call: Optional[Call] = page_call(0, page_size)
+    while call is not None:
+        page: LeasePage = fetch(call)
+        yield from page.leases
+        call = next_page_call(page, page_size)
+
+
+def next_page_call(page: LeasePage, page_size: int) -> Optional[Call]:
+    """The call for the page after ``page``; None after the last."""
+    return page_call(page.next_cursor, page_size) if page.next_cursor else None
+
+
+# Keeping a lease alive.
+
+_CLOCK_SLACK = 0.002  # seconds: the server counts whole milliseconds
+_RETRY_MOST = 1.0  # seconds between tries after a failed renewal, at most
+
+
+class KeepAliveSchedule:
+    """When a kept lease is renewed, and when it is lost: the decisions the thread
+    (KeepAlive) and the asyncio task (memlease.aio) share, on the times they are given.
+
+    A renewal asked at A and answered at B moved the server's deadline to between A and B
+    plus the duration: the next one is due at a third of the duration after A, and after
+    B plus the duration the lease has surely ended.  A renewal that fails for any other
+    reason than the lease being gone is tried again until then.
+    """
+
+    def __init__(self, name: str, ttl: LeaseTTL, asked: float, answered: float) -> None:
+        self.name = name
+        self.duration_ms = ttl.granted_ms
+        self.lost: Optional[LeaseLost] = None
+        self._duration = ttl.granted_ms / 1000
+        remaining = ttl.remaining_ms / 1000
+        self._next = asked + remaining - 2 * self._duration / 3
+        self._gone_after = answered + remaining + _CLOCK_SLACK
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` to the next renewal."""
+        return max(self._next - now, 0.0)
+
+    def renewed(self, asked: float, answered: float) -> None:
+        self._next = asked + self._duration / 3
+        self._gone_after = answered + self._duration + _CLOCK_SLACK
+
+    def failed(self, error: BaseException, now: float) -> None:
+        """A renewal failed with ``error`` at ``now``: lost, or to be tried again soon."""
+        if isinstance(error, LeaseNotFound):
+            why = "it no longer exists (released, or ended)"
+        elif not isinstance(error, MemLeaseError):
+            why = "renewing it failed: %r" % error
+        elif now >= self._gone_after:
+            why = "no renewal got through before it surely ended (last: %s)" % error
+        else:
+            self._next = now + min(self._duration / 10, _RETRY_MOST)
+            return
+        status = error.status if isinstance(error, MemLeaseError) else None
+        self.lost = LeaseLost("%s was lost: %s" % (self.name, why), status)
+        self.lost.__cause__ = error
+
+    def ending(self, release_error: Optional[MemLeaseError]) -> Optional[MemLeaseError]:
+        """What leaving the block raises: LeaseLost once the lease is lost (a release that
+        finds it gone finds it lost), else the release's own error, if any."""
+        if isinstance(release_error, LeaseNotFound):
+            self.failed(release_error, 0.0)
+        return self.lost or release_error
+
+
+class KeptLease:
+    """What a keepalive tells of its lease: the thread's (KeepAlive) and the asyncio
+    task's alike.  Its schedule is made on entering the block, from the lease's ttl."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._schedule: Optional[KeepAliveSchedule] = None
+
+    @property
+    def lost(self) -> bool:
+        return self._schedule is not None and self._schedule.lost is not None
+
+    @property
+    def reason(self) -> Optional[BaseException]:
+        """The error that showed the lease lost (LeaseNotFound, a connection error...)."""
+        lost = self._schedule.lost if self._schedule is not None else None
+        return None if lost is None else lost.__cause__
+
+    @property
+    def duration_ms(self) -> int:
+        """The duration each renewal gives: the lease's last, as ttl told it."""
+        return 0 if self._schedule is None else self._schedule.duration_ms
+
+    def _begin(self, ttl: LeaseTTL, asked: float) -> KeepAliveSchedule:
+        self._schedule = KeepAliveSchedule(self.name, ttl, asked, time.monotonic())
+        return self._schedule
+
+
+class KeepAlive(KeptLease):
+    """A lease renewed by a daemon thread while a ``with`` block runs (see
+    MemLeaseClient.keepalive); the thread is stopped on leaving, whatever happens.
+
+    If the block raises, its exception goes on: LeaseLost, or the release's failure, is
+    raised only on leaving a block that ran through (``lost`` and ``reason`` say it too).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        ttl: Callable[[], LeaseTTL],
+        renew: Callable[[int], None],
+        release: Optional[Callable[[], None]],
+    ) -> None:
+        super().__init__(name)
+        self._ttl, self._renew, self._release = ttl, renew, release
+        self._stopping = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keepalive " + name, daemon=True)
+
+    def wait_lost(self, timeout: Optional[float] = None) -> bool:
+        """Block until the lease is lost (True) or ``timeout`` seconds pass (False)."""
+        return self._lost.wait(timeout)
+
+    def __enter__(self) -> "KeepAlive":
+        asked = time.monotonic()
+        self._begin(self._ttl(), asked)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Optional[type], *exc_info: object) -> None:
+        self._stopping.set()
+        self._thread.join()
+        assert self._schedule is not None
+        release_error = None
+        if self._release is not None and not self.lost:
+            try:
+                self._release()
+            except MemLeaseError as exc:
+                release_error = exc
+        error = self._schedule.ending(release_error)
+        if error is not None and exc_type is None:
+            raise error
+
+    def _run(self) -> None:
+        schedule = self._schedule
+        assert schedule is not None
+        while not self._stopping.wait(schedule.wait(time.monotonic())):
+            asked = time.monotonic()
+            try:
+                self._renew(schedule.duration_ms)
+            except Exception as exc:  # whatever it is, the lease is not renewed: never silent
+                schedule.failed(exc, time.monotonic())
+                if schedule.lost is not None:
+                    self._lost.set()
+                    return
+            else:
+                schedule.renewed(asked, time.monotonic())
 
 
 # Connections.
@@ -743,12 +1082,16 @@ class MemLeaseClient:
         self._lock = threading.Lock()
         self._idle: List[_Connection] = []
         self._generation = 0  # bumped by close(): connections then in use close on return
-        # The server's protocol version, from the probe sent with the first lease; the
-        # original (ORIGINAL_VERSION) gets its own messages, one request a connection.
-        self.server_version: Optional[int] = None
+        self._path = RequestPath()
 
     def __enter__(self) -> "MemLeaseClient":
         return self
+
+    @property
+    def server_version(self) -> Optional[int]:
+        """The server's protocol version, from the probe sent with the first lease (None
+        until then); the original (ORIGINAL_VERSION) gets its own messages."""
+        return self._path.server_version
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -786,6 +1129,41 @@ class MemLeaseClient:
         """End the lease now."""
         self._one(release_call(lease_id))
 
+    def ttl(self, lease_id: LeaseId) -> LeaseTTL:
+        """How long the lease has left, the duration of its last grant or renew, its size."""
+        return cast(LeaseTTL, self._one(ttl_call(lease_id)))
+
+    def leases(self, page_size: int = protocol.MAX_ROWS) -> Iterator[LeaseInfo]:
+        """Your living leases, fetched ``page_size`` at a time as the iteration goes on.
+
+        A lease that lives through the whole listing is listed once; one granted or ended
+        meanwhile may be listed or not.
+        """
+        return listing(self._one, checked_page_size(page_size))
+
+    def renew_many(self, lease_ids: Iterable[LeaseId], duration_ms: int) -> List[LeaseId]:
+        """Make each lease last ``duration_ms`` from now, in one round trip; returns those
+        it could not renew (ended, or never were), as they were given."""
+        given = list(lease_ids)
+        results = self._request(renew_many_calls(list(zip(given, given)), duration_ms))
+        raise_first_error(results)
+        return [lease_id for missed in results for lease_id in missed]
+
+    def keepalive(self, lease_id: LeaseId, release: bool = False) -> "KeepAlive":
+        """A context manager that renews the lease from a thread while its block runs.
+
+        Renewals come every third of the lease's duration (ttl's ``granted_ms``).  If one
+        finds the lease gone, or none gets through before it has surely ended, ``lost``
+        becomes true at once and leaving the block raises LeaseLost.  With ``release`` the
+        lease is released on leaving.
+        """
+        return KeepAlive(
+            checked_id_text(lease_id),
+            functools.partial(self.ttl, lease_id),
+            functools.partial(self.renew, lease_id),
+            functools.partial(self.release, lease_id) if release else None,
+        )
+
     def stats(self) -> Dict[str, int]:
         """The server's counters."""
         return cast(Dict[str, int], self._one(stats_call()))
@@ -805,47 +1183,30 @@ class MemLeaseClient:
         return result
 
     def _request(self, calls: Sequence[Call]) -> List[Any]:
-        """Send the calls on a borrowed connection; their results or MemLeaseErrors, in order.
-
-        The first lease goes with the probe in front of it, which costs this server no
-        round trip; the original server then gets its own messages, each on a connection
-        of its own (it reads one request per connection).
-        """
+        """Send the calls on a borrowed connection; their results or MemLeaseErrors, in
+        order (see RequestPath for the probe and the original server)."""
+        if not calls:
+            return []
         self._slots.acquire()
         try:
-            if self.server_version is None and needs_probe(calls):
-                requests = [PROBE.request] + [call.request for call in calls]
-                replies = self._exchange(requests, probe=speaks_extensions)
-                self.server_version = PROBE.result(PROBE.request, replies[0])
-                if len(replies) == len(requests):
-                    return results_of(calls, replies[1:])
-            if self.server_version == ORIGINAL_VERSION:
-                originals = [original_call(call) for call in calls]
-                replies = [self._exchange([call.request], reuse=False)[0] for call in originals]
-                return results_of(originals, replies)
-            return results_of(calls, self._exchange([call.request for call in calls]))
+            return run_plan(self._path.plan(calls), self._exchange)
         finally:
             self._slots.release()
 
-    def _exchange(
-        self,
-        requests: Sequence[protocol.Request],
-        probe: Optional[Callable[[protocol.Reply], bool]] = None,
-        reuse: bool = True,
-    ) -> List[protocol.Reply]:
-        """The replies to ``requests`` on a borrowed connection (see _Connection.exchange),
-        kept for reuse when ``reuse`` and every request was answered."""
+    def _exchange(self, step: Exchange) -> List[protocol.Reply]:
+        """The replies to the step's requests on a borrowed connection (see
+        _Connection.exchange), kept for reuse when it may be and every one was answered."""
         with self._lock:
-            connection = self._idle.pop() if self._idle and reuse else None
+            connection = self._idle.pop() if self._idle and step.reuse else None
             generation = self._generation
         if connection is None:
             connection = self._connect()
         try:
-            replies = connection.exchange(requests, probe)
+            replies = connection.exchange(step.requests, step.probe)
         except BaseException as exc:
             connection.close()  # out of step with the server: never reused
             raise self._exchange_error(connection, exc) from None
-        in_step = reuse and len(replies) == len(requests)
+        in_step = step.reuse and len(replies) == len(step.requests)
         with self._lock:
             if in_step and generation == self._generation:
                 self._idle.append(connection)
@@ -925,6 +1286,10 @@ class CallQueue:
 
     def stats(self: _Queue) -> _Queue:
         self._calls.append(stats_call())
+        return self
+
+    def ttl(self: _Queue, lease_id: LeaseId) -> _Queue:
+        self._calls.append(ttl_call(lease_id))
         return self
 
     def _take(self) -> List[Call]:

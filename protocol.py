@@ -11,13 +11,13 @@ See docs/protocol.md for every message and status code.
 
 import struct
 import uuid
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
 INT32_MAX = 2**31 - 1
 
-# Message types.  1-5 are the original's; 6-18 are this implementation's extensions.
+# Message types.  1-5 are the original's; 6-24 are this implementation's extensions.
 LEASE = 1
 LEASED = 2
 SET_DATA = 3
@@ -36,6 +36,12 @@ POOL_MAP_REPLY = 15
 REPLACE = 16
 GRANT = 17
 GRANTED = 18
+TIME_TO_LIVE = 19
+TIME_TO_LIVE_REPLY = 20
+LIST_LEASES = 21
+LEASE_LIST = 22
+RENEW_MANY = 23
+RENEW_MANY_REPLY = 24
 
 TYPE_NAMES = {
     LEASE: "lease",
@@ -56,6 +62,12 @@ TYPE_NAMES = {
     REPLACE: "replace",
     GRANT: "grant",
     GRANTED: "granted",
+    TIME_TO_LIVE: "ttl",
+    TIME_TO_LIVE_REPLY: "ttl-reply",
+    LIST_LEASES: "leases",
+    LEASE_LIST: "lease-list",
+    RENEW_MANY: "renew-many",
+    RENEW_MANY_REPLY: "renew-many-reply",
 }
 
 # Status codes, carried by DataSet and Error replies, and as a negative id in Leased.
@@ -142,6 +154,8 @@ _U = struct.Struct("<16s")
 _UI = struct.Struct("<16si")
 _UQ = struct.Struct("<16sq")
 _UQQ = struct.Struct("<16sqq")
+_QI = struct.Struct("<qi")
+_QQQ = struct.Struct("<qqq")
 # Whole frames with a fixed layout, packed in one call on the hot path.
 _FRAME_I = struct.Struct("<iqi")
 _FRAME_II = struct.Struct("<iqii")
@@ -150,6 +164,8 @@ _FRAME_U = struct.Struct("<iq16s")
 _FRAME_UI = struct.Struct("<iq16si")
 _FRAME_UQ = struct.Struct("<iq16sq")
 _FRAME_UQQ = struct.Struct("<iq16sqq")
+_FRAME_QI = struct.Struct("<iqqi")
+_FRAME_QQQ = struct.Struct("<iqqqq")
 
 
 class Lease(NamedTuple):
@@ -342,6 +358,91 @@ class Granted(NamedTuple):
         return _FRAME_U.pack(GRANTED, _U.size, self.lease_id)
 
 
+class TimeToLive(NamedTuple):
+    """Ask how long a live lease has left, the duration it was last given, and its size."""
+
+    lease_id: bytes
+
+    def encode(self) -> bytes:
+        return _FRAME_U.pack(TIME_TO_LIVE, _U.size, self.lease_id)
+
+
+class TimeToLiveReply(NamedTuple):
+    """The answer to TimeToLive (an ended or unknown lease is answered DataSet -1)."""
+
+    remaining_ms: int
+    granted_ms: int  # the duration of the last grant or renew
+    size: int
+
+    def encode(self) -> bytes:
+        return _FRAME_QQQ.pack(TIME_TO_LIVE_REPLY, _QQQ.size, *self)
+
+
+class ListLeases(NamedTuple):
+    """Ask for a page of at most ``limit`` of the caller's living leases, from ``cursor``:
+    0 for the first page, then the ``next_cursor`` of the page before."""
+
+    cursor: int
+    limit: int
+
+    def encode(self) -> bytes:
+        return _FRAME_QI.pack(LIST_LEASES, _QI.size, self.cursor, self.limit)
+
+
+class LeaseRow(NamedTuple):
+    """One lease of a LeaseList."""
+
+    lease_id: bytes  # its UUID, also for a lease that has a short id
+    size: int
+    remaining_ms: int
+    short_id: int  # 0 when it has none
+
+
+class LeaseList(NamedTuple):
+    """A page of leases; ``next_cursor`` asks for the next page, 0 when there is none."""
+
+    next_cursor: int
+    rows: Tuple[LeaseRow, ...]
+
+    def encode(self) -> bytes:
+        rows = [_LEASE_ROW.pack(*row) for row in self.rows]
+        return _counted_frame(LEASE_LIST, _QI, (self.next_cursor,), rows)
+
+
+class RenewMany(NamedTuple):
+    """Give each live lease of ``lease_ids`` (at most MAX_ROWS) ``duration_ms`` from now."""
+
+    duration_ms: int
+    lease_ids: Tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        ids = [_U.pack(lease_id) for lease_id in self.lease_ids]
+        return _counted_frame(RENEW_MANY, _II, (self.duration_ms,), ids)
+
+
+class RenewManyReply(NamedTuple):
+    """The answer to RenewMany: the ids it could not renew, in the request's order."""
+
+    lease_ids: Tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        ids = [_U.pack(lease_id) for lease_id in self.lease_ids]
+        return _counted_frame(RENEW_MANY_REPLY, _I, (), ids)
+
+
+# Lists (a page of leases, the ids of RenewMany) are fixed fields whose last counts the
+# rows that follow, each already packed.  A list has at most MAX_ROWS rows.
+MAX_ROWS = 1000
+_LEASE_ROW = struct.Struct("<16sqqi")
+
+
+def _counted_frame(
+    msg_type: int, head: struct.Struct, fields: Tuple[int, ...], rows: List[bytes]
+) -> bytes:
+    payload = b"".join([head.pack(*fields, len(rows))] + rows)
+    return HEADER.pack(msg_type, len(payload)) + payload
+
+
 class PoolMap(NamedTuple):
     """Ask how the pool is used, cut into ``cells`` equal slices."""
 
@@ -412,6 +513,9 @@ REQUEST_TYPES = {
     Stats: STATS,
     Auth: AUTH,
     Grant: GRANT,
+    TimeToLive: TIME_TO_LIVE,
+    ListLeases: LIST_LEASES,
+    RenewMany: RENEW_MANY,
 }
 
 
@@ -426,9 +530,34 @@ def request_name(request: object) -> str:
 
 
 Request = Union[
-    Lease, SetData, AccessData, Release, Renew, Write, Read, Stats, Auth, Replace, PoolMap, Grant
+    Lease,
+    SetData,
+    AccessData,
+    Release,
+    Renew,
+    Write,
+    Read,
+    Stats,
+    Auth,
+    Replace,
+    PoolMap,
+    Grant,
+    TimeToLive,
+    ListLeases,
+    RenewMany,
 ]
-Reply = Union[Leased, Data, DataSet, StatsReply, Error, PoolMapReply, Granted]
+Reply = Union[
+    Leased,
+    Data,
+    DataSet,
+    StatsReply,
+    Error,
+    PoolMapReply,
+    Granted,
+    TimeToLiveReply,
+    LeaseList,
+    RenewManyReply,
+]
 Message = Union[Request, Reply, DataFrame]
 
 
@@ -570,6 +699,42 @@ def _parse_pool_map(buf: bytearray, start: int, length: int) -> PoolMapReply:
     return PoolMapReply(pool_bytes, free_bytes, largest, fragmentation, used, free_blocks)
 
 
+def _counted(
+    head: struct.Struct, row: struct.Struct, make: Callable[[Tuple[Any, ...], List[Any]], Message]
+) -> Parser:
+    """A parser for fixed fields whose last counts the rows of ``row`` that follow;
+    ``make`` builds the message from the other fields and the rows."""
+
+    def parse(buf: bytearray, start: int, length: int) -> Message:
+        msg_type = _type_at(buf, start)
+        if length < head.size:
+            raise BadMessage(MALFORMED, msg_type, "payload too short: %d bytes" % length)
+        *fields, count = head.unpack_from(buf, start)
+        if not 0 <= count <= MAX_ROWS or length != head.size + count * row.size:
+            raise BadMessage(
+                MALFORMED,
+                msg_type,
+                "%d rows (at most %d) in a payload of %d bytes" % (count, MAX_ROWS, length),
+            )
+        at = start + head.size
+        rows = [row.unpack_from(buf, at + n * row.size) for n in range(count)]
+        return make(tuple(fields), rows)
+
+    return parse
+
+
+def _lease_list(fields: Tuple[Any, ...], rows: List[Any]) -> LeaseList:
+    return LeaseList(fields[0], tuple(LeaseRow(*row) for row in rows))
+
+
+def _renew_many(fields: Tuple[Any, ...], rows: List[Any]) -> RenewMany:
+    return RenewMany(fields[0], tuple(lease_id for (lease_id,) in rows))
+
+
+def _renew_many_reply(fields: Tuple[Any, ...], rows: List[Any]) -> RenewManyReply:
+    return RenewManyReply(tuple(lease_id for (lease_id,) in rows))
+
+
 REQUEST_PARSERS: Dict[int, Parser] = {
     LEASE: _fixed(_II, Lease),
     SET_DATA: _with_data(_IQ, SetData),
@@ -583,6 +748,9 @@ REQUEST_PARSERS: Dict[int, Parser] = {
     REPLACE: _naming(_with_data(_UQ, Replace)),
     POOL_MAP: _fixed(_I, PoolMap),
     GRANT: _fixed(_II, Grant),
+    TIME_TO_LIVE: _naming(_fixed(_U, TimeToLive)),
+    LIST_LEASES: _fixed(_QI, ListLeases),
+    RENEW_MANY: _counted(_II, _U, _renew_many),
 }
 
 REPLY_PARSERS: Dict[int, Parser] = {
@@ -593,6 +761,9 @@ REPLY_PARSERS: Dict[int, Parser] = {
     ERROR: _fixed(_II, Error),
     POOL_MAP_REPLY: _parse_pool_map,
     GRANTED: _fixed(_U, Granted),
+    TIME_TO_LIVE_REPLY: _fixed(_QQQ, TimeToLiveReply),
+    LEASE_LIST: _counted(_QI, _LEASE_ROW, _lease_list),
+    RENEW_MANY_REPLY: _counted(_I, _U, _renew_many_reply),
 }
 
 # The largest reply a client may meet: a whole lease of the largest size.

@@ -111,6 +111,10 @@ ALL_REQUESTS = [
     protocol.Grant(1024, 5000),
     protocol.Stats(),
     protocol.Auth(b"s3cret"),
+    protocol.TimeToLive(SOME_UUID),
+    protocol.ListLeases(0, 1000),
+    protocol.RenewMany(5000, (SOME_UUID, protocol.short_form(7))),
+    protocol.RenewMany(5000, ()),
 ]
 ALL_REPLIES = [
     protocol.Leased(-1),
@@ -120,6 +124,10 @@ ALL_REPLIES = [
     protocol.DataSet(protocol.OUT_OF_RANGE),
     protocol.StatsReply({"pool_bytes": 2048, "free_bytes": 0}),
     protocol.Error(protocol.UNKNOWN_TYPE, 99),
+    protocol.TimeToLiveReply(4200, 5000, 1024),
+    protocol.LeaseList(1 << 61, (protocol.LeaseRow(SOME_UUID, 1024, 4200, 7),) * 3),
+    protocol.LeaseList(0, ()),
+    protocol.RenewManyReply((SOME_UUID,)),
 ]
 
 
@@ -181,6 +189,13 @@ def test_decoder_refuses_a_negative_length():
         (struct.pack("<iqiq", protocol.SET_DATA, 12 + 3, 1, 5) + b"abc", protocol.MALFORMED),
         (struct.pack("<iqiq", protocol.SET_DATA, 12 + 3, 1, -1) + b"abc", protocol.MALFORMED),
         (struct.pack("<iqi", protocol.SET_DATA, 4, 1), protocol.MALFORMED),
+        # Lists whose count disagrees with their length, or is over 1000 ids.
+        (struct.pack("<iqii", protocol.RENEW_MANY, 8, 5000, 1), protocol.MALFORMED),
+        (struct.pack("<iqii", protocol.RENEW_MANY, 24, 5000, 0) + SOME_UUID, protocol.MALFORMED),
+        (struct.pack("<iqii", protocol.RENEW_MANY, 8, 5000, -1), protocol.MALFORMED),
+        (struct.pack("<iqii", protocol.RENEW_MANY, 8, 5000, 1001), protocol.MALFORMED),
+        (struct.pack("<iqi", protocol.RENEW_MANY, 4, 5000), protocol.MALFORMED),
+        (struct.pack("<iqi12x", protocol.TIME_TO_LIVE, 16, 5), protocol.MALFORMED),  # a 1.x id
     ],
 )
 def test_decoder_rejects_bad_messages_and_stays_in_step(frame, status):

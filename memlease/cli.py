@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import ssl
 import sys
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Union
@@ -32,6 +33,8 @@ from memlease_client import (
     DEFAULT_PORT,
     MAX_TIMEOUT,
     InvalidArgument,
+    LeaseInfo,
+    LeaseLost,
     LeaseNotFound,
     MemLeaseClient,
     MemLeaseConnectionError,
@@ -60,6 +63,10 @@ commands:
   get ID [--raw]       print the lease as text up to its first NUL, or --raw: its bytes
   renew ID MS          make the lease last MS milliseconds from now
   release ID           end the lease now
+  ttl ID               print the time the lease has left, its last duration and its size
+  leases               list your living leases: ID, size and time left, one a line
+  keep ID              renew the lease every third of its duration until Ctrl-C or
+                       SIGTERM (exit 0); exit 1 with the reason if it is lost
   stats                print the server's counters
   map                  draw the pool: what is leased, what is free, how it is split
 
@@ -96,7 +103,7 @@ Exit status: 0 done; 1 refused, not found, cannot connect or a cluster's server 
 2 usage error; 130 interrupted.  A pipe's reader that leaves (| head) changes nothing."""
 
 CLI_NAME = "memlease-client"  # when the program's own name is unknown
-COMMANDS = ("lease", "set", "get", "renew", "release", "stats", "map")
+COMMANDS = ("lease", "set", "get", "renew", "release", "ttl", "leases", "keep", "stats", "map")
 DEFAULT_MAP_CELLS = 256
 MAX_MAP_CELLS = 1 << 16
 TOKEN_LINE_LIMIT = 1 << 16  # bytes read of a token file's line: /dev/zero must not fill memory
@@ -329,6 +336,11 @@ def build_parser(prog: str = CLI_NAME) -> argparse.ArgumentParser:
     renew.add_argument("duration", type=_duration, help="milliseconds from now")
     release = command("release", "end a lease")
     release.add_argument("lease_id", type=_lease_ref)
+    ttl = command("ttl", "how long a lease has left")
+    ttl.add_argument("lease_id", type=_lease_ref)
+    command("leases", "list your leases")
+    keep = command("keep", "keep a lease alive until interrupted")
+    keep.add_argument("lease_id", type=_lease_ref)
     command("stats", "show the server's counters")
     map_ = command("map", "draw how the pool is used")
     map_.add_argument(
@@ -533,6 +545,12 @@ def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> int:
     if command == "map":
         _draw_map(client, args)
         return 0
+    if command == "leases":  # with --json, one object a line
+        for info in client.leases():
+            short = " (short id %d)" % info.short_id if info.short_id else ""
+            left = "%d bytes, %d MS left" % (info.size, info.remaining_ms)
+            _say(args, "%s %s%s" % (info.lease_id, left, short), _listed(info))
+        return 0
     key = _lease_key(client, args.lease_id)
     done = {"lease_id": str(args.lease_id)}
     if command == "set":
@@ -555,6 +573,17 @@ def _run(client: Leases, args: argparse.Namespace, payload: bytes) -> int:
         client.renew(key, args.duration)
         renewed = dict(done, duration_ms=args.duration)
         _say(args, "Lease %s renewed for %d MS" % (args.lease_id, args.duration), renewed)
+    elif command == "ttl":
+        ttl = client.ttl(key)
+        line = "Lease %s has %d MS left of %d MS, %d bytes" % (
+            args.lease_id,
+            ttl.remaining_ms,
+            ttl.granted_ms,
+            ttl.size,
+        )
+        _say(args, line, dict(done, **ttl._asdict()))
+    elif command == "keep":
+        _keep(client, key, args)
     else:
         client.release(key)
         _say(args, "Lease %s released" % args.lease_id, done)
@@ -583,6 +612,37 @@ def _read(args: argparse.Namespace, data: bytes) -> Dict[str, object]:
     except UnicodeDecodeError:
         raise _NotText() from None
     return fields
+
+
+def _listed(info: LeaseInfo) -> Dict[str, object]:
+    """A listed lease's fields for --json: its id (or handle) as text."""
+    return dict(info._asdict(), lease_id=str(info.lease_id))
+
+
+def _keep(client: Leases, key: LeaseKey, args: argparse.Namespace) -> None:
+    """Renew the lease until Ctrl-C or SIGTERM, which end the run well; a lost lease
+    raises LeaseLost when the block is left."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
+    keeper = client.keepalive(key)
+    name = args.lease_id
+    try:
+        with keeper:
+            _say(
+                args,
+                "Keeping lease %s alive: renewed for %d MS every %d MS until interrupted"
+                % (name, keeper.duration_ms, keeper.duration_ms // 3),
+                {"lease_id": str(name), "kept": True, "duration_ms": keeper.duration_ms},
+            )
+            keeper.wait_lost()
+    except KeyboardInterrupt:
+        if not keeper.duration_ms:  # before the keeping began
+            raise
+        _say(
+            args,
+            "Lease %s no longer kept alive: it ends within %d MS unless renewed"
+            % (name, keeper.duration_ms),
+            {"lease_id": str(name), "kept": False, "duration_ms": keeper.duration_ms},
+        )
 
 
 def _print_stats(client: Leases, args: argparse.Namespace) -> int:
@@ -644,7 +704,7 @@ def _first_line(args: argparse.Namespace, error: MemLeaseError) -> str:
     if args.command == "get" and isinstance(error, LeaseNotFound):
         return "Data not found for %s." % args.lease_id
     note = _status_note(error.status)
-    if args.command in ("stats", "map"):
+    if args.command in ("stats", "map", "leases"):
         return "Error: unable %s%s" % (args.command, note)
     return "Error: unable %s for lease %s%s" % (args.command, args.lease_id, note)
 
@@ -658,6 +718,8 @@ def _refusal_reason(
     text = protocol.STATUS_TEXT.get(status, str(error)) if status is not None else str(error)
     if isinstance(error, LeaseNotFound):
         text = _NOT_FOUND_TEXT % args.lease_id
+    elif isinstance(error, LeaseLost):
+        text = str(error)
     elif isinstance(error, QuotaExceeded):
         text = _quota_refusal(client, args.size) or text
     elif args.command == "lease" and isinstance(error, (OutOfMemory, TooLarge)):
@@ -711,8 +773,9 @@ def _quota_refusal(client: Leases, size: int) -> Optional[str]:
 def _range_refusal(client: Leases, args: argparse.Namespace, payload: bytes) -> Optional[str]:
     """What did not fit where, with the lease's size found by asking the server."""
     end = args.offset + (len(payload) if args.command == "set" else args.length or 0)
-    size = _lease_size_below(client, _lease_key(client, args.lease_id), end + 1)
-    if size is None:
+    try:
+        size = client.ttl(_lease_key(client, args.lease_id)).size
+    except MemLeaseError:
         return None
     if args.command == "set" and size >= end:  # the lease holds them: the value's size did it
         return "the server refuses a value of %s: over its --max-frame limit" % format_size(
@@ -737,23 +800,6 @@ def _range_refusal(client: Leases, args: argparse.Namespace, payload: bytes) -> 
         where,
         format_size(size),
     )
-
-
-def _lease_size_below(client: Leases, key: LeaseKey, limit: int) -> Optional[int]:
-    """The lease's size, or ``limit - 1`` if it is larger: found by one-byte reads, or None."""
-    # A read ending at ``low`` works; one ending at ``high`` does not.
-    low, high = 0, limit
-    try:
-        while high - low > 1:
-            middle = (low + high) // 2
-            try:
-                client.get(key, middle - 1, 1)
-                low = middle
-            except OutOfRange:
-                high = middle
-    except MemLeaseError:
-        return None
-    return low or None
 
 
 def _unauthorized(token_file: Optional[str]) -> str:

@@ -4,6 +4,8 @@ cluster = MemLeaseCluster(["a:412", "b:412", "c:412"])
 handle = cluster.lease(1024, 5000)      # LeaseHandle; str(handle) == "b:412/<the UUID>"
 cluster.set(handle, b"hello")
 cluster.get(str(handle))                # a handle or its text (b:412/123 for a short id)
+for info in cluster.leases():           # every server's; info.lease_id is a LeaseHandle
+    ...
 
 The server chooses lease ids, so no key can be hashed to a server: each new lease is
 placed (two random live servers, the one with more free bytes) and its handle carries
@@ -41,6 +43,9 @@ from memlease_client import (
     DEFAULT_PORT,
     Call,
     InvalidArgument,
+    KeepAlive,
+    LeaseInfo,
+    LeaseTTL,
     MemLeaseClient,
     MemLeaseConnectionError,
     MemLeaseError,
@@ -48,13 +53,17 @@ from memlease_client import (
     QuotaExceeded,
     TooLarge,
     address_text,
+    checked_page_size,
     get_call,
     lease_call,
+    listing,
     raise_first_error,
     release_call,
     renew_call,
+    renew_many_calls,
     set_call,
     stats_call,
+    ttl_call,
     unix_path,
 )
 
@@ -285,6 +294,49 @@ class MemLeaseCluster:
         server, lease_id = self._locate(handle)
         self._one(server, release_call(lease_id))
 
+    def ttl(self, handle: Handle) -> LeaseTTL:
+        """The lease's time left, last duration and size; see MemLeaseClient.ttl."""
+        server, lease_id = self._locate(handle)
+        return cast(LeaseTTL, self._one(server, ttl_call(lease_id)))
+
+    def renew_many(self, handles: Iterable[Handle], duration_ms: int) -> List[Handle]:
+        """Renew the leases, one round trip to each server that holds some; returns the
+        handles it could not renew, as given and in their order: ended leases, and every
+        lease of a server that could not be reached."""
+        given = list(handles)
+        by_server: Dict[str, Tuple[_Server, List[Tuple[int, Union[uuid.UUID, int]]]]] = {}
+        for index, handle in enumerate(given):
+            server, lease_id = self._locate(handle)
+            by_server.setdefault(server.name, (server, []))[1].append((index, lease_id))
+        missed: List[int] = []
+        for server, named in by_server.values():
+            calls = renew_many_calls(named, duration_ms)
+            try:
+                results = self._on(server, calls)
+            except MemLeaseConnectionError:
+                missed.extend(index for index, _ in named)
+                continue
+            raise_first_error(results)
+            missed.extend(index for indexes in results for index in indexes)
+        return [given[index] for index in sorted(missed)]
+
+    def leases(self, page_size: int = protocol.MAX_ROWS) -> Iterator[LeaseInfo]:
+        """Your living leases on every server, a server after the other; each one's
+        ``lease_id`` is its LeaseHandle.  A server that cannot be reached raises
+        MemLeaseConnectionError when the listing comes to it."""
+        return self._listing(checked_page_size(page_size))
+
+    def keepalive(self, handle: Handle, release: bool = False) -> KeepAlive:
+        """The lease renewed by a thread while a ``with`` block runs; see
+        MemLeaseClient.keepalive."""
+        server, lease_id = self._locate(handle)
+        return KeepAlive(
+            "lease " + str(LeaseHandle(server.name, lease_id)),
+            functools.partial(self.ttl, handle),
+            functools.partial(self.renew, handle),
+            functools.partial(self.release, handle) if release else None,
+        )
+
     def stats(self) -> ClusterStats:
         """Every live server's counters, and their sums; a server that fails is marked down."""
         each: Dict[str, Dict[str, int]] = {}
@@ -299,6 +351,11 @@ class MemLeaseCluster:
     def pipeline(self) -> "ClusterPipeline":
         """Calls sent together, one batch per server; results in call order."""
         return ClusterPipeline(self)
+
+    def _listing(self, page_size: int) -> Iterator[LeaseInfo]:
+        for server in self._servers.values():
+            for info in listing(functools.partial(self._one, server), page_size):
+                yield info._replace(lease_id=LeaseHandle(server.name, info.lease_id))
 
     def _locate(self, handle: Handle) -> Tuple[_Server, Union[uuid.UUID, int]]:
         if isinstance(handle, str):
@@ -434,6 +491,11 @@ class ClusterPipeline:
     def release(self, handle: Handle) -> "ClusterPipeline":
         server, lease_id = self._cluster._locate(handle)
         self._queued.append((server, release_call(lease_id)))
+        return self
+
+    def ttl(self, handle: Handle) -> "ClusterPipeline":
+        server, lease_id = self._cluster._locate(handle)
+        self._queued.append((server, ttl_call(lease_id)))
         return self
 
     def execute(self, raise_on_error: bool = True) -> List[Any]:

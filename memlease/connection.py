@@ -591,6 +591,47 @@ class Connection:
         status = self.store.release(message.lease_id, self.tenant or 0)
         self._status(protocol.RELEASE, message, status)
 
+    def _ttl(self, message: protocol.TimeToLive) -> None:
+        reply = self.store.ttl(message.lease_id, self.tenant or 0)
+        if reply is None:
+            self._status(protocol.TIME_TO_LIVE, message, protocol.NOT_FOUND)
+        else:
+            self._finish(protocol.TIME_TO_LIVE, message, reply, protocol.OK)
+
+    def _list_leases(self, message: protocol.ListLeases) -> None:
+        if message.cursor < 0 or message.limit <= 0:
+            self._status(protocol.LIST_LEASES, message, protocol.INVALID)
+            return
+        limit = min(message.limit, protocol.MAX_ROWS)
+        rows, cursor = self.store.leases(self.tenant or 0, message.cursor, limit)
+        self._finish(
+            protocol.LIST_LEASES, message, protocol.LeaseList(cursor, tuple(rows)), protocol.OK
+        )
+
+    def _renew_many(self, message: protocol.RenewMany) -> None:
+        """Renew each lease named; the reply lists those that are not (or not any more).
+
+        Each short id among them weighs as a request of its own against guessing: one
+        RenewMany must not try a thousand guesses for the price of one.
+        """
+        if message.duration_ms <= 0:
+            self._status(protocol.RENEW_MANY, message, protocol.INVALID)
+            return
+        renew, tenant = self.store.renew, self.tenant or 0
+        missed = tuple(
+            lease_id
+            for lease_id in message.lease_ids
+            if renew(lease_id, message.duration_ms, tenant) != protocol.OK
+        )
+        reply = protocol.RenewManyReply(missed)
+        self._finish(protocol.RENEW_MANY, message, reply, protocol.OK)
+        short_misses = sum(protocol.short_id_in(lease_id) is not None for lease_id in missed)
+        if short_misses:
+            self.answered += sum(protocol.short_id_in(i) is not None for i in message.lease_ids)
+            self.misses += short_misses
+            if security.guessing(self.misses, self.answered):
+                self._close_guessing()
+
     def _stats(self, message: protocol.Stats) -> None:
         reply = protocol.StatsReply(self.service.stats(self.tenant))
         self._finish(protocol.STATS, message, reply, protocol.OK)
@@ -756,6 +797,10 @@ def _describe_request(msg_type: int, request: Any) -> str:
         return _span(name, request.lease_id, request.length, request.offset)
     if isinstance(request, protocol.Renew):
         return "%s %s for %d ms" % (name, _logged_id(request.lease_id), request.duration_ms)
+    if isinstance(request, protocol.RenewMany):
+        return "%s %d leases for %d ms" % (name, len(request.lease_ids), request.duration_ms)
+    if isinstance(request, protocol.ListLeases):
+        return "%s (a page of %d at most)" % (name, request.limit)
     lease_id = getattr(request, "lease_id", None)
     return name if lease_id is None else "%s %s" % (name, _logged_id(lease_id))
 
@@ -796,6 +841,12 @@ def _describe(reply: object, status: int) -> str:
         return "%d counters" % len(reply.stats)
     if isinstance(reply, protocol.PoolMapReply):
         return "%d cells" % len(reply.used)
+    if isinstance(reply, protocol.TimeToLiveReply):
+        return "%d ms left of %d, %d bytes" % reply
+    if isinstance(reply, protocol.LeaseList):
+        return "%d leases%s" % (len(reply.rows), ", more to come" if reply.next_cursor else "")
+    if isinstance(reply, protocol.RenewManyReply):
+        return "%d not renewed" % len(reply.lease_ids)
     return protocol.STATUS_TEXT.get(status, str(status))
 
 
@@ -813,4 +864,7 @@ _ANSWERS: Dict[type, Callable[[Connection, Any], None]] = {
     protocol.Auth: Connection._auth,
     protocol.DataFrame: Connection._begin_upload,
     protocol.Grant: Connection._grant,
+    protocol.TimeToLive: Connection._ttl,
+    protocol.ListLeases: Connection._list_leases,
+    protocol.RenewMany: Connection._renew_many,
 }

@@ -69,6 +69,21 @@ FREEZE_STEP = 25_000
 _NARROW_DEADLINE_MAX = 2**32 - 1  # the most milliseconds the first deadline column holds
 # A nanosecond of slack absorbs float rounding, so a reading at a deadline counts as it.
 _SLACK_MS = 1e-6
+# A listing's cursor is a bit-reversed slot of the id index, scaled to this many bits (no
+# index has more slots), so a cursor stays valid when the index doubles.
+CURSOR_BITS = 62
+PAGE_SLOTS = 4096  # slots of the id index a page of a listing looks at, at most
+RUN_MIN = 64  # the fewest slots a page looks at in one slice (when aligned)
+_TAKEN = (-1).__lt__  # whether an index slot holds a position
+
+
+def _floor_power_of_two(value: int) -> int:
+    return 1 << (value.bit_length() - 1)
+
+
+def _reverse_bits(value: int, bits: int) -> int:
+    """``value``'s lowest ``bits`` bits in reverse order."""
+    return int(format(value, "0%db" % bits)[::-1], 2) if bits else 0
 
 
 class PoolMemory:
@@ -202,15 +217,20 @@ class _CleanStart(Exception):
 # The lease table saved beside the pool file on a graceful stop, all little-endian:
 # a header (with the short ids' key and count, so none comes back), then one column per
 # field (the UUIDs' halves, short ids, tenants, sizes, offsets, deadlines as wall-clock
-# milliseconds), then a CRC-32 of everything before it.  Version 1 had 4-byte ids only.
+# milliseconds, durations), then a CRC-32 of everything before it.  Version 1 had 4-byte
+# ids only; version 2, no durations: its leases are taken back with the time they have
+# left as their duration, so an upgrade keeps them.
 TABLE_SUFFIX = ".leases"
 _TABLE_MAGIC = b"MLEASES\n"
-_TABLE_VERSION = 2
+_TABLE_VERSION = 3
 # magic, version, pool bytes, min block, saved at, n, short ids' key, short ids issued
 _TABLE_HEADER = struct.Struct("<8sIQIqQ%dsQ" % ids.KEY_SIZE)
-_TABLE_COLUMNS = "QQqqqqq"
+_TABLE_COLUMNS = {2: "QQqqqqq", _TABLE_VERSION: "QQqqqqqq"}  # by the versions read
 _TABLE_CRC = struct.Struct("<I")
-_TABLE_BYTES_PER_LEASE = sum(array(code).itemsize for code in _TABLE_COLUMNS)
+
+
+def _bytes_per_lease(version: int) -> int:
+    return sum(array(code).itemsize for code in _TABLE_COLUMNS[version])
 
 
 def _column_bytes(typecode: str, values: "Iterable[int]") -> bytes:
@@ -269,6 +289,7 @@ class LeaseStore:
     _sizes: Column  # as asked for; the block is the next power of two
     _offsets: Column
     _deadlines: Column  # milliseconds since the store began
+    _durations: Column  # the milliseconds of the last grant or renew
     _index: Column  # low half & _mask -> position of that lease, if its id matches
     _mask: int
     _short_index: Column  # short id & _short_mask -> position, as _index
@@ -341,7 +362,7 @@ class LeaseStore:
             return status or protocol.NO_MEMORY
         high, low = self._new_id()
         self.memory.zero(offset, self._block(size))
-        self._add(high, low, short, tenant, size, offset, self._now() + duration_ms)
+        self._add(high, low, short, tenant, size, offset, self._now() + duration_ms, duration_ms)
         self.counters["leases_granted"] += 1
         if self.allocator.split_blocks - self._gc_floor >= FREEZE_STEP:
             self._freeze()
@@ -452,6 +473,7 @@ class LeaseStore:
             self._sizes[pos],
             self._offsets[pos],
             deadline,
+            duration_ms,
         )
         self.counters["leases_renewed"] += 1
         return protocol.OK
@@ -464,6 +486,77 @@ class LeaseStore:
         self._retire(pos)
         self.counters["leases_released"] += 1
         return protocol.OK
+
+    def ttl(self, lease_id: bytes, tenant: int = 0) -> Optional[protocol.TimeToLiveReply]:
+        """The live lease's time left, last duration and size; None when there is none."""
+        pos = self._live(lease_id, tenant)
+        if pos < 0:
+            return None
+        remaining = self._deadlines[pos] - self._now()
+        return protocol.TimeToLiveReply(remaining, self._durations[pos], self._sizes[pos])
+
+    def leases(self, tenant: int, cursor: int, limit: int) -> Tuple[List[protocol.LeaseRow], int]:
+        """A page of at most ``limit`` of the tenant's living leases from ``cursor`` on, and
+        the cursor of the next page: 0 once the listing is complete.
+
+        The order is the id index's slots in bit-reversed order, as Redis's SCAN walks its
+        table, and a cursor is a position in it scaled to CURSOR_BITS: a slot's leases move
+        only to slots later in that order when the index doubles, so a lease that lives
+        through the whole listing is listed exactly once.  A page looks at no more than
+        PAGE_SLOTS slots, in strided slices taken in C, so it costs about the same however
+        many leases there are (it may hold fewer than ``limit``, or none, before the end).
+        """
+        bits = self._mask.bit_length()
+        end = 1 << bits
+        at = cursor >> (CURSOR_BITS - bits)
+        now = self._now()
+        found: List[int] = []  # heap positions, in listing order
+        budget = PAGE_SLOTS
+        while at < end and budget and len(found) < limit:
+            # The next aligned run of reversed positions: one slice of the index, strided.
+            # A run of N slots holds N leases at most, so one no longer than the room left
+            # (or RUN_MIN) rarely has to be cut, which costs a sort.
+            room = limit - len(found)
+            span = min(at & -at or end, _floor_power_of_two(min(max(room, RUN_MIN), budget)))
+            shift = span.bit_length() - 1
+            first = _reverse_bits(at >> shift, bits - shift)
+            stride = end // span
+            mine = self._listed(first, stride, tenant, now)  # (offset in the run, position)
+            if len(mine) > room:  # the page ends inside the run: take its first leases
+                order = sorted((_reverse_bits(offset, shift), pos) for offset, pos in mine)
+                found.extend(pos for _, pos in order[:room])
+                at += order[room - 1][0] + 1
+                break
+            found.extend(pos for _, pos in mine)
+            at += span
+            budget -= span
+        rows = [
+            protocol.LeaseRow(
+                ids.HALVES.pack(self._highs[pos], self._lows[pos]),
+                self._sizes[pos],
+                self._deadlines[pos] - now,
+                self._shorts[pos],
+            )
+            for pos in found
+        ]
+        return rows, 0 if at >= end else at << (CURSOR_BITS - bits)
+
+    def _listed(self, first: int, stride: int, tenant: int, now: int) -> List[Tuple[int, int]]:
+        """The tenant's living leases in the slots ``first``, ``first + stride``...: their
+        offsets in that run and their heap positions.  A slot may still hold the position
+        of a lease gone (or, after the index doubled, of its twin slot's): only a lease
+        whose id maps to the slot counts."""
+        run = self._index[first::stride]
+        mask, count = self._mask, len(self._lows)
+        lows, tenants, deadlines = self._lows, self._tenants, self._deadlines
+        return [
+            (offset, pos)
+            for offset, pos in compress(enumerate(run), map(_TAKEN, run))
+            if pos < count
+            and lows[pos] & mask == first + offset * stride
+            and tenants[pos] == tenant
+            and deadlines[pos] > now
+        ]
 
     # Expiry, driven by the loop.
 
@@ -612,6 +705,7 @@ class LeaseStore:
             self._sizes,
             self._offsets,
             self._deadlines,
+            self._durations,
             self._index,
             self._short_index,
         )
@@ -651,6 +745,7 @@ class LeaseStore:
             _column_bytes("q", self._sizes),
             _column_bytes("q", self._offsets),
             _column_bytes("q", (deadline + shift for deadline in self._deadlines)),
+            _column_bytes("q", self._durations),
         ]
         crc = 0
         for part in parts:
@@ -781,7 +876,15 @@ class LeaseStore:
         self._short_mask = 2 * self._short_mask + 1
 
     def _add(
-        self, high: int, low: int, short: int, tenant: int, size: int, offset: int, deadline: int
+        self,
+        high: int,
+        low: int,
+        short: int,
+        tenant: int,
+        size: int,
+        offset: int,
+        deadline: int,
+        duration: int,
     ) -> None:
         self._table_changed()
         self._widen_deadlines(deadline)
@@ -792,9 +895,12 @@ class LeaseStore:
         self._sizes = _appended(self._sizes, size)
         self._offsets.append(offset)
         self._deadlines.append(deadline)
+        self._durations.append(duration)
         if short:
             self._short_count += 1
-        self._settle(len(self._lows) - 1, high, low, short, tenant, size, offset, deadline)
+        self._settle(
+            len(self._lows) - 1, high, low, short, tenant, size, offset, deadline, duration
+        )
         block = 1 << self.allocator.order_for(size)
         self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + block
         self._tenant_leases[tenant] = self._tenant_leases.get(tenant, 0) + 1
@@ -819,6 +925,7 @@ class LeaseStore:
             self._sizes.pop(),
             self._offsets.pop(),
             self._deadlines.pop(),
+            self._durations.pop(),
         )
         if pos < len(self._lows):
             self._settle(pos, *last)
@@ -855,6 +962,7 @@ class LeaseStore:
         size: int,
         offset: int,
         deadline: int,
+        duration: int,
     ) -> None:
         """Put a lease into the hole at ``pos``, moving it up or down into heap order."""
         deadlines = self._deadlines
@@ -884,6 +992,7 @@ class LeaseStore:
         self._sizes[pos] = size
         self._offsets[pos] = offset
         deadlines[pos] = deadline
+        self._durations[pos] = duration
         self._index[low & self._mask] = pos
         if short:
             self._short_index[short & self._short_mask] = pos
@@ -897,6 +1006,7 @@ class LeaseStore:
         self._sizes[target] = self._sizes[source]
         self._offsets[target] = self._offsets[source]
         self._deadlines[target] = self._deadlines[source]
+        self._durations[target] = self._durations[source]
         self._index[low & self._mask] = target
         if short:
             self._short_index[short & self._short_mask] = target
@@ -917,6 +1027,7 @@ class LeaseStore:
         self._sizes = array("H")
         self._offsets = array("I" if self.capacity < 1 << 32 else "Q")
         self._deadlines = array("I")  # the heap's key; see _widen_deadlines
+        self._durations = array("I")  # at most INT32_MAX, as a Lease or Renew carries
         self._index = array("i", [-1]) * _FIRST_INDEX_SLOTS  # id & mask -> position
         self._mask = _FIRST_INDEX_SLOTS - 1
         self._short_index = array("i", [-1]) * _FIRST_INDEX_SLOTS
@@ -964,7 +1075,7 @@ class LeaseStore:
     ) -> "Tuple[List[array[int]], ids.ShortIds]":
         most = (
             _TABLE_HEADER.size
-            + self.capacity // self._min_block * _TABLE_BYTES_PER_LEASE
+            + self.capacity // self._min_block * _bytes_per_lease(_TABLE_VERSION)
             + _TABLE_CRC.size
         )  # the table of a pool full of the smallest leases
         try:
@@ -985,13 +1096,13 @@ class LeaseStore:
         if len(data) < _TABLE_HEADER.size + _TABLE_CRC.size or data[:8] != _TABLE_MAGIC:
             raise _CleanStart("the lease table is not one (too short, or a wrong magic number)")
         version = _TABLE_HEADER.unpack_from(data)[1]
-        if version != _TABLE_VERSION:
+        if version not in _TABLE_COLUMNS:
             raise _CleanStart(
-                "the lease table has version %d, this server reads version %d"
-                % (version, _TABLE_VERSION)
+                "the lease table has version %d, this server reads versions %s"
+                % (version, " and ".join(map(str, sorted(_TABLE_COLUMNS))))
             )
         _, _, pool, min_block, saved_at, count, key, issued = _TABLE_HEADER.unpack_from(data)
-        size = _TABLE_HEADER.size + count * _TABLE_BYTES_PER_LEASE + _TABLE_CRC.size
+        size = _TABLE_HEADER.size + count * _bytes_per_lease(version) + _TABLE_CRC.size
         if len(data) != size:
             raise _CleanStart("the lease table is %d bytes, not %d" % (len(data), size))
         view = memoryview(data)
@@ -1011,24 +1122,28 @@ class LeaseStore:
             )
         columns = []
         start = _TABLE_HEADER.size
-        for typecode in _TABLE_COLUMNS:
+        for typecode in _TABLE_COLUMNS[version]:
             end = start + count * array(typecode).itemsize
             columns.append(_column(typecode, view[start:end]))
             start = end
+        if version == 2:
+            columns.append(array("q", bytes(8 * count)))  # durations unknown: see _take_back
         return columns, ids.ShortIds(key, issued)
 
     def _take_back(self, columns: "List[array[int]]", wall_now: int) -> int:
         """Put each saved lease with time left back in its own block; returns the expired."""
         now = self._now()
         expired = 0
-        for high, low, short, tenant, size, offset, deadline in zip(*columns):
+        for high, low, short, tenant, size, offset, deadline, duration in zip(*columns):
             if deadline <= wall_now:
                 expired += 1
                 continue
+            duration = duration or min(deadline - wall_now, protocol.INT32_MAX)  # version 2
             if not (
                 ids.is_uuid4(high, low)
                 and 0 <= short <= ids.SHORT_ID_MAX
                 and 0 < size <= self.capacity
+                and 0 < duration <= protocol.INT32_MAX
             ):
                 raise _CleanStart("the lease table holds an impossible lease")
             lease_id = ids.HALVES.pack(high, low)
@@ -1040,7 +1155,7 @@ class LeaseStore:
                 self._grow_index()  # saved ids were apart in a larger index
             while short and self._short_slot_taken(short):
                 self._grow_short_index()
-            self._add(high, low, short, tenant, size, offset, now + deadline - wall_now)
+            self._add(high, low, short, tenant, size, offset, now + deadline - wall_now, duration)
         return expired
 
     def _freeze(self) -> None:

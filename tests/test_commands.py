@@ -314,6 +314,13 @@ def test_every_command_prints_one_json_object_and_the_id_needs_no_cutting() -> N
         assert stats["stats"]["live_leases"] == 2 and stats["stats"]["pool_bytes"] == 4096  # type: ignore[index]
         pool = one_object(json_run(*where, "map", "--cells", "2"))
         assert pool["pool_bytes"] == 4096 and len(pool["used"]) == 2  # type: ignore[arg-type]
+        ttl = one_object(json_run(*where, "ttl", lease_id))
+        assert ttl["lease_id"] == lease_id and ttl["granted_ms"] == 120000
+        assert ttl["size"] == 100 and 0 < ttl["remaining_ms"] <= 120000  # type: ignore[operator]
+        listed = json_run(*where, "leases")
+        assert listed.returncode == 0, listed
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]  # one a line
+        assert len(rows) == 2 and lease_id in {row["lease_id"] for row in rows}
         assert one_object(json_run(*where, "release", lease_id)) == {"lease_id": lease_id}
 
 

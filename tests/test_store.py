@@ -165,6 +165,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.store = LeaseStore(8192, clock=self.clock)
         self.leases: Dict[int, Tuple[int, int, int, bytearray]] = {}  # id: tenant, size, ms
+        self.granted: Dict[int, int] = {}  # id: the ms of its last grant or renew
         self.started = self.clock.now
         self.gone: List[int] = []
 
@@ -189,6 +190,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         assert uuid.UUID(bytes=lease_id).version == 4 and lease_id not in self.leases
         self.leases[lease_id] = (tenant, size, self.now_ms() + ms, bytearray(size))
+        self.granted[lease_id] = ms
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data(), payload=st.binary(min_size=1, max_size=64))
@@ -228,6 +230,37 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             assert status == protocol.OK
             self.leases[lease_id] = (tenant, size, self.now_ms() + ms, content)
+            self.granted[lease_id] = ms
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def ttl(self, data: st.DataObject) -> None:
+        lease_id = data.draw(st.sampled_from(list(self.leases)))
+        tenant, size, deadline, _ = self.leases[lease_id]
+        assert self.store.ttl(lease_id, tenant + 1) is None
+        found = self.store.ttl(lease_id, tenant)
+        if deadline <= self.now_ms():
+            assert found is None
+        else:
+            assert found == (deadline - self.now_ms(), self.granted[lease_id], size)
+
+    @rule(tenant=st.integers(0, 2), limit=st.integers(1, 5))
+    def list_leases(self, tenant: int, limit: int) -> None:
+        listed: List[protocol.LeaseRow] = []
+        cursor = 0
+        for _ in range(10_000):
+            rows, cursor = self.store.leases(tenant, cursor, limit)
+            assert len(rows) <= limit
+            listed += rows
+            if not cursor:
+                break
+        now = self.now_ms()
+        living = [
+            (lease_id, size, deadline - now, 0)
+            for lease_id, (owner, size, deadline, _) in self.leases.items()
+            if owner == tenant and deadline > now
+        ]
+        assert sorted(listed) == sorted(living)
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())
@@ -281,6 +314,82 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreModel = StoreMachine.TestCase
 TestStoreModel.settings = PROPERTY
+
+
+# The lease API: time to live, and the listing.
+
+
+def test_ttl_tells_the_time_left_the_last_duration_and_the_size():
+    clock = FakeClock()
+    store = LeaseStore(1 << 12, clock=clock)
+    try:
+        lease_id = store.lease(100, 5000, tenant=2)
+        clock.now += 1.0
+        assert store.ttl(lease_id, tenant=2) == (4000, 5000, 100)
+        assert store.ttl(lease_id) is None  # another tenant's: not found
+        assert store.renew(lease_id, 2000, tenant=2) == protocol.OK
+        assert store.ttl(lease_id, tenant=2) == (2000, 2000, 100)
+        clock.now += 2.0
+        assert store.ttl(lease_id, tenant=2) is None
+        assert store.stats()["live_leases"] == 0
+    finally:
+        store.close()
+
+
+def _listing(store: LeaseStore, tenant: int, limit: int, between=lambda: None) -> List[bytes]:
+    """Every id a listing in pages of ``limit`` gives, calling ``between`` after each page."""
+    listed: List[bytes] = []
+    cursor = 0
+    for _ in range(100_000):
+        rows, cursor = store.leases(tenant, cursor, limit)
+        assert len(rows) <= limit
+        listed += [row.lease_id for row in rows]
+        between()
+        if not cursor:
+            return listed
+    raise AssertionError("the listing did not end")
+
+
+def test_a_listing_gives_each_lease_that_lives_through_it_once_while_the_index_grows():
+    clock = FakeClock()
+    store = LeaseStore(1 << 20, clock=clock)
+    try:
+        mine = [store.lease(32, 60_000) for _ in range(3000)]
+        theirs = {store.lease(32, 60_000, tenant=1) for _ in range(200)}
+        ending = {store.lease(32, 500) for _ in range(100)}
+        slots = len(store._index)  # the id index, which doubles as leases are added
+        added: List[bytes] = []
+        clock.now += 1.0  # the 100 short leases have ended, unreaped
+
+        def grant_more() -> None:
+            added.extend(store.lease(32, 60_000) for _ in range(150))
+
+        listed = _listing(store, 0, 97, grant_more)
+        assert len(store._index) >= 4 * slots
+        assert len(listed) == len(set(listed))
+        assert set(mine) <= set(listed) <= set(mine) | set(added)
+        assert not set(listed) & (theirs | ending)
+        assert set(_listing(store, 1, 1000)) == theirs
+    finally:
+        store.close()
+
+
+def test_a_page_costs_a_bounded_scan_however_few_leases_are_the_callers():
+    store = LeaseStore(1 << 20)
+    try:
+        for _ in range(20_000):
+            store.lease(32, 60_000, tenant=1)
+        rows, cursor = store.leases(0, 0, 1000)
+        assert rows == [] and cursor > 0  # a page looked at its share of slots, and stopped
+        pages = 0
+        while cursor:
+            rows, cursor = store.leases(0, cursor, 1000)
+            assert rows == []
+            pages += 1
+        assert pages + 1 == len(store._index) // memlease.store.PAGE_SLOTS
+        assert store.leases(0, 1 << 62, 1000) == ([], 0)  # a cursor past the end: done
+    finally:
+        store.close()
 
 
 # Deadlines.
@@ -717,7 +826,7 @@ OVERLAP = _table(
     [
         (_no_table, 1 << 16, 0, "did not stop cleanly"),
         (None, 1 << 17, 0, "the pool changed"),
-        (_replace(_table(version=1)), 1 << 16, 0, "version 1, this server reads version 2"),
+        (_replace(_table(version=1)), 1 << 16, 0, "version 1, this server reads versions 2 and 3"),
         (_truncate, 1 << 16, 0, "not one"),
         (_corrupt, 1 << 16, 0, "checksum"),
         (None, 1 << 16, -5.0, "clock went backwards"),
@@ -829,6 +938,36 @@ def test_deadlines_past_the_narrow_columns_range_keep_their_order():
         assert store.next_deadline() == pytest.approx(clock.now + 1.0)
         clock.now += 2
         assert store.expire_due(10) == 1 and store.read(late)[0] == protocol.OK
+    finally:
+        store.close()
+
+
+def test_a_restart_keeps_each_leases_last_duration(state):
+    clock, wall = FakeClock(), FakeClock(1.7e9)
+    store = _store(state, clock, wall)
+    lease_id = store.lease(100, 60_000)
+    assert store.renew(lease_id, 30_000) == protocol.OK
+    store.save()
+    store.close()
+    wall.now += 10.0
+    again = _store(state, FakeClock(), wall)
+    try:
+        assert again.ttl(lease_id) == (20_000, 30_000, 100)
+    finally:
+        again.close()
+
+
+def test_a_version_2_table_is_taken_back_with_the_time_left_as_the_duration(state):
+    _saved(state)
+    lease = (*UUID_A, 0, 0, 100, 0, 1_700_000_100_000)  # 100 s after the table was saved
+    _replace(_table(version=2, leases=[lease]))(state + ".leases")
+    store = _store(state, FakeClock(), FakeClock(1.7e9 + 10))
+    try:
+        assert store.restore_note is not None and store.restore_note.startswith("restored 1 ")
+        lease_id = struct.pack(">QQ", *UUID_A)
+        assert store.ttl(lease_id) == (90_000, 90_000, 100)
+        assert store.renew(lease_id, 1000) == protocol.OK
+        assert store.ttl(lease_id) == (1000, 1000, 100)
     finally:
         store.close()
 
