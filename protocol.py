@@ -11,7 +11,7 @@ See docs/protocol.md for every message and status code.
 
 import struct
 import uuid
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Type, Union
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
@@ -196,6 +196,7 @@ class AccessData(NamedTuple):
 
 
 DATA_HEAD_SIZE = _FRAME_IQ.size
+DATA_HEAD = _FRAME_IQ  # a Data reply's head: type, payload length, id, data length
 
 
 def data_head(lease_id: int, length: int) -> bytes:
@@ -608,6 +609,25 @@ MAX_BUFFERED_REQUEST = STREAM_MIN + WRITE_OVERHEAD
 _STREAMED_REQUESTS = {SET_DATA: _IQ, WRITE: _UQQ, REPLACE: _UQ}
 _STREAMED_REPLIES = {ACCESS_DATA: _IQ}
 
+# The common small requests, which a server may answer in one pass over its buffer
+# (Decoder.small_requests): type -> the payload's fixed layout, and whether data bytes
+# follow it (then the layout's last field counts them).
+SmallShape = Tuple[struct.Struct, bool]
+SMALL_REQUESTS: Dict[int, SmallShape] = {
+    READ: (_UQQ, False),
+    WRITE: (_UQQ, True),
+    ACCESS_DATA: (_I, False),
+    SET_DATA: (_IQ, True),
+    RENEW: (_UI, False),
+    RELEASE: (_U, False),
+    REPLACE: (_UQ, True),
+    GRANT: (_II, False),
+    LEASE: (_II, False),
+}
+# What Decoder.small_requests yields: the type, where the frame ends in the decoder's
+# buffer (a data frame's data are the last bytes before it), and the fixed fields.
+SmallRequest = Tuple[int, int, Tuple[Any, ...]]
+
 
 class Decoder:
     """Turns a byte stream, split anywhere, into whole messages.
@@ -625,8 +645,14 @@ class Decoder:
         max_payload: int,
         streamed: Optional[Dict[int, struct.Struct]] = None,
         stream_min: int = STREAM_MIN,
+        small: Optional[Dict[int, SmallShape]] = None,
     ) -> None:
         self._parsers = parsers
+        # type -> (the unpacker of its fixed fields, their size, whether data follow)
+        self._small = {
+            msg_type: (layout.unpack_from, layout.size, carries_data)
+            for msg_type, (layout, carries_data) in (small or {}).items()
+        }
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min
@@ -645,6 +671,11 @@ class Decoder:
             self._discard_left -= dropped
             data = data[dropped:]
         self._buf += data
+
+    @property
+    def buffer(self) -> bytearray:
+        """The bytes received; the frames of ``small_requests`` are read from it."""
+        return self._buf
 
     @property
     def buffered(self) -> int:
@@ -718,6 +749,47 @@ class Decoder:
             raise BadMessage(UNKNOWN_TYPE, msg_type, "unknown message type %d" % msg_type)
         return parser(buf, start + HEADER_SIZE, length)
 
+    def small_requests(self) -> Iterator[SmallRequest]:
+        """The whole frames buffered, in order, while each is a small request of a fixed
+        layout that fits it (the ``small`` shapes): see SmallRequest.
+
+        One pass, with no message object: the server answers the common requests straight
+        from here.  A frame is consumed only when the next one is asked for, or when the
+        frames run out; a caller that stops at a frame leaves it to ``next_message``, which
+        decodes or refuses it as ever.  Nothing may be fed meanwhile.  Any frame this does
+        not yield (a large, malformed or unknown one) ends it, so it is seen there too.
+        """
+        if self._broken is not None or self.payload_left or self._discard_left:
+            return
+        buf = self._buf
+        shapes = self._small
+        unpack_header = HEADER.unpack_from
+        whole_max = self._whole_max
+        start = self._start
+        end = len(buf)
+        while end - start >= HEADER_SIZE:
+            msg_type, length = unpack_header(buf, start)
+            try:
+                unpack, fixed, carries_data = shapes[msg_type]
+            except KeyError:
+                return
+            at = start + HEADER_SIZE
+            frame_end = at + length
+            if frame_end > end:
+                return
+            if carries_data:
+                if not fixed <= length <= whole_max:
+                    return
+                fields = unpack(buf, at)
+                if fields[-1] != length - fixed:
+                    return
+            elif length == fixed:
+                fields = unpack(buf, at)
+            else:
+                return
+            yield msg_type, frame_end, fields
+            start = self._start = frame_end
+
     def _data_frame(self, msg_type: int, length: int, fixed: struct.Struct) -> Optional[DataFrame]:
         data_length = length - fixed.size
         if data_length > INT32_MAX:
@@ -762,7 +834,7 @@ class Decoder:
 
 def request_decoder(max_payload: int = MAX_BUFFERED_REQUEST) -> Decoder:
     """A decoder for the server's side: large writes come out as DataFrames."""
-    return Decoder(REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS)
+    return Decoder(REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS, small=SMALL_REQUESTS)
 
 
 def reply_decoder(

@@ -35,7 +35,18 @@ import zlib
 from array import array
 from collections import Counter
 from itertools import compress
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import protocol
 from buddy import BuddyAllocator
@@ -52,6 +63,14 @@ COUNTERS = (
     "sets",
 )
 _EMPTY = memoryview(b"")
+# The small requests that serve() answers, as local names for its loop.
+_READ, _WRITE, _REPLACE = protocol.READ, protocol.WRITE, protocol.REPLACE
+_ACCESS_DATA, _SET_DATA = protocol.ACCESS_DATA, protocol.SET_DATA
+_RENEW, _RELEASE = protocol.RENEW, protocol.RELEASE
+_GRANT, _LEASE = protocol.GRANT, protocol.LEASE
+_BY_UUID = frozenset((_READ, _WRITE, _REPLACE, _RENEW, _RELEASE))  # naming a 16-byte id
+_BY_SHORT_ID = frozenset((_ACCESS_DATA, _SET_DATA))  # the original's, naming a short id
+_WRITES = frozenset((_WRITE, _SET_DATA, _REPLACE))
 Bytes = Union[bytes, bytearray, memoryview]
 if TYPE_CHECKING:
     Column = array[int]  # a column of machine integers
@@ -339,9 +358,13 @@ class LeaseStore:
         if offset < 0:
             self.counters["leases_refused"] += 1
             return status or protocol.NO_MEMORY
+        return self._grant(offset, size, self._now() + duration_ms, tenant, short)
+
+    def _grant(self, offset: int, size: int, deadline: int, tenant: int, short: int) -> bytes:
+        """Make the lease of the block at ``offset``, already taken: its new id."""
         high, low = self._new_id()
         self.memory.zero(offset, self._block(size))
-        self._add(high, low, short, tenant, size, offset, self._now() + duration_ms)
+        self._add(high, low, short, tenant, size, offset, deadline)
         self.counters["leases_granted"] += 1
         if self.allocator.split_blocks - self._gc_floor >= FREEZE_STEP:
             self._freeze()
@@ -354,8 +377,8 @@ class LeaseStore:
 
     def check_write(self, lease_id: bytes, offset: int, length: int, tenant: int = 0) -> int:
         """The status a write of ``length`` bytes at ``offset`` would get now; changes nothing."""
-        pos = self._find(lease_id, tenant)
-        if pos < 0 or self._deadlines[pos] <= self._now():
+        pos = self._live_at(lease_id, tenant, self._now())
+        if pos < 0:
             return protocol.NOT_FOUND
         return self._write_status(pos, offset, length)
 
@@ -440,8 +463,11 @@ class LeaseStore:
         pos = self._live(lease_id, tenant)
         if pos < 0:
             return protocol.NOT_FOUND
+        self._renew_at(pos, self._now() + duration_ms)
+        return protocol.OK
+
+    def _renew_at(self, pos: int, deadline: int) -> None:
         self._table_changed()
-        deadline = self._now() + duration_ms
         self._widen_deadlines(deadline)
         self._settle(
             pos,
@@ -454,16 +480,157 @@ class LeaseStore:
             deadline,
         )
         self.counters["leases_renewed"] += 1
-        return protocol.OK
 
     def release(self, lease_id: bytes, tenant: int = 0) -> int:
         """End a lease now; its memory is zeroed and returned.  Returns a status."""
         pos = self._live(lease_id, tenant)
         if pos < 0:
             return protocol.NOT_FOUND
+        self._release_at(pos)
+        return protocol.OK
+
+    def _release_at(self, pos: int) -> None:
         self._retire(pos)
         self.counters["leases_released"] += 1
-        return protocol.OK
+
+    # The common small requests, answered in one pass.
+
+    def serve(
+        self,
+        requests: Iterator[protocol.SmallRequest],
+        data: bytearray,
+        out: bytearray,
+        counts: Column,
+        *,
+        tenant: int,
+        quota: int,
+        short_ids: bool,
+        max_data: int,
+        limit: int,
+        room: int,
+    ) -> int:
+        """Answer small requests (protocol.Decoder.small_requests, whose frames are in
+        ``data``) into ``out`` as they come, while each succeeds at once; returns how many.
+
+        It stops, before that request has changed anything, at the first whose answer is
+        anything else: a refusal, a miss, an ended lease, a value to stream from the pool
+        or a write it must wait for, the original's messages without short ids, more than
+        ``max_data`` bytes; and after ``limit`` requests or ``room`` bytes of replies.
+        Those are left to the request's own method, which answers them as ever.  The
+        clock is read once, and a lease found once is found again without a lookup until
+        the table changes.  ``counts[type]`` counts the requests answered, by type.
+        """
+        now = self._now()
+        view = self._view
+        pins = self._pins
+        ok = protocol.STATUS_REPLIES[protocol.OK]
+        pack_head = protocol.DATA_HEAD.pack
+        data_type = protocol.ACCESS_DATA  # a Data reply's type
+        head = protocol.DATA_HEAD_SIZE - protocol.HEADER_SIZE  # its payload before the data
+        stream_min = protocol.STREAM_MIN
+        out_stop = len(out) + room
+        answered = 0
+        # The store's counters of reads and writes follow the counts by type.
+        reads = counts[_READ] + counts[_ACCESS_DATA]
+        writes = counts[_WRITE] + counts[_SET_DATA] + counts[_REPLACE]
+        last = None  # the id of the lease found last; then its place:
+        pos = base = size = short = 0
+        for msg_type, end, fields in requests:
+            if answered >= limit:
+                break
+            if msg_type in _BY_UUID:
+                lease_id = fields[0]
+            elif msg_type in _BY_SHORT_ID:
+                if not short_ids:
+                    break
+                lease_id = protocol.short_form(fields[0])
+            else:  # Grant or Lease
+                reply = self._serve_lease(msg_type, fields, tenant, quota, short_ids, now)
+                if reply is None:
+                    break
+                out += reply
+                last = None  # the table changed
+                counts[msg_type] += 1
+                answered += 1
+                continue
+            if lease_id != last:
+                pos = self._live_at(lease_id, tenant, now)
+                if pos < 0:
+                    break
+                last = lease_id
+                base, size, short = self._offsets[pos], self._sizes[pos], self._shorts[pos]
+            if msg_type == _READ:
+                _, offset, length = fields
+                if length == -1:
+                    length = size - offset
+                if (
+                    offset < 0
+                    or length < 0
+                    or offset + length > size
+                    or length >= stream_min
+                    or len(out) >= out_stop  # small replies only: writes' fit a turn's budget
+                ):
+                    break
+                out += pack_head(data_type, head + length, short, length)
+                out += view[base + offset : base + offset + length]
+            elif msg_type in _WRITES:
+                offset = fields[1] if msg_type == _WRITE else 0
+                length = fields[-1]
+                if base in pins or length > max_data or offset < 0 or offset + length > size:
+                    break
+                start = base + offset
+                view[start : start + length] = data[end - length : end]
+                if msg_type == _REPLACE:
+                    self.memory.zero(start + length, size - length)
+                out += ok
+            elif msg_type == _ACCESS_DATA:
+                if size >= stream_min or len(out) >= out_stop:
+                    break
+                out += pack_head(data_type, head + size, short, size)
+                out += view[base : base + size]
+            elif msg_type == _RENEW:
+                if fields[1] <= 0:
+                    break
+                self._renew_at(pos, now + fields[1])
+                last = None
+                out += ok
+            else:  # Release
+                self._release_at(pos)
+                last = None
+                out += ok
+            counts[msg_type] += 1
+            answered += 1
+        self.counters["gets"] += counts[_READ] + counts[_ACCESS_DATA] - reads
+        self.counters["sets"] += counts[_WRITE] + counts[_SET_DATA] + counts[_REPLACE] - writes
+        return answered
+
+    def _serve_lease(
+        self,
+        msg_type: int,
+        fields: Tuple[int, int],
+        tenant: int,
+        quota: int,
+        short_ids: bool,
+        now: int,
+    ) -> Optional[bytes]:
+        """The reply to a Grant or Lease that a free block serves at once; None for any
+        other (a refusal, or a lease that must reclaim ended ones first)."""
+        size, duration_ms = fields
+        if self._refusal(size, duration_ms, tenant, quota) != protocol.OK:
+            return None
+        order = self.allocator.order_for(size)
+        if self.allocator.largest_free < 1 << order:
+            return None
+        if msg_type == _GRANT:
+            offset = self.allocator.take(order)
+            lease_id = self._grant(offset, size, now + duration_ms, tenant, 0)
+            return protocol.Granted(lease_id).encode()
+        short = self._new_short_id() if short_ids else 0
+        if not short:
+            return None
+        offset = self.allocator.take(order)
+        self._grant(offset, size, now + duration_ms, tenant, short)
+        return protocol.Leased(short).encode()
 
     # Expiry, driven by the loop.
 
@@ -722,6 +889,11 @@ class LeaseStore:
         """The position of the tenant's lease, or -1: another tenant's lease is not found."""
         pos = self._position(lease_id)
         return pos if pos >= 0 and self._tenants[pos] == tenant else -1
+
+    def _live_at(self, lease_id: bytes, tenant: int, now: int) -> int:
+        """The position of the tenant's lease if its deadline is after ``now``, or -1."""
+        pos = self._find(lease_id, tenant)
+        return pos if pos >= 0 and self._deadlines[pos] > now else -1
 
     def _live(self, lease_id: bytes, tenant: int) -> int:
         """Like _find, but a lease whose deadline has passed is expired now and not found."""
