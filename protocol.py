@@ -610,23 +610,32 @@ _STREAMED_REQUESTS = {SET_DATA: _IQ, WRITE: _UQQ, REPLACE: _UQ}
 _STREAMED_REPLIES = {ACCESS_DATA: _IQ}
 
 # The common small requests, which a server may answer in one pass over its buffer
-# (Decoder.small_requests): type -> the payload's fixed layout, and whether data bytes
-# follow it (then the layout's last field counts them).
-SmallShape = Tuple[struct.Struct, bool]
+# (Decoder.small_requests): type -> the unpacker of a frame's header and fixed fields,
+# the fields' size, and whether data bytes follow them (then the last field counts them).
+SmallShape = Tuple[Callable[[bytearray, int], Tuple[Any, ...]], int, bool]
+
+
+def _small(layout: struct.Struct, carries_data: bool) -> SmallShape:
+    """The unpacker of a whole frame's header and fixed fields, the fields' size, and
+    whether data follow them."""
+    return struct.Struct("<iq" + layout.format[1:]).unpack_from, layout.size, carries_data
+
+
 SMALL_REQUESTS: Dict[int, SmallShape] = {
-    READ: (_UQQ, False),
-    WRITE: (_UQQ, True),
-    ACCESS_DATA: (_I, False),
-    SET_DATA: (_IQ, True),
-    RENEW: (_UI, False),
-    RELEASE: (_U, False),
-    REPLACE: (_UQ, True),
-    GRANT: (_II, False),
-    LEASE: (_II, False),
+    READ: _small(_UQQ, False),
+    WRITE: _small(_UQQ, True),
+    ACCESS_DATA: _small(_I, False),
+    SET_DATA: _small(_IQ, True),
+    RENEW: _small(_UI, False),
+    RELEASE: _small(_U, False),
+    REPLACE: _small(_UQ, True),
+    GRANT: _small(_II, False),
+    LEASE: _small(_II, False),
 }
-# What Decoder.small_requests yields: the type, where the frame ends in the decoder's
-# buffer (a data frame's data are the last bytes before it), and the fixed fields.
-SmallRequest = Tuple[int, int, Tuple[Any, ...]]
+# What Decoder.small_requests yields: where the frame ends in the decoder's buffer (a
+# data frame's data are the last bytes before it), and its header's and fixed fields'
+# values: (type, payload length, field, ...).
+SmallRequest = Tuple[int, Tuple[Any, ...]]
 
 
 class Decoder:
@@ -648,17 +657,13 @@ class Decoder:
         small: Optional[Dict[int, SmallShape]] = None,
     ) -> None:
         self._parsers = parsers
-        # type -> (the unpacker of its fixed fields, their size, whether data follow)
-        self._small = {
-            msg_type: (layout.unpack_from, layout.size, carries_data)
-            for msg_type, (layout, carries_data) in (small or {}).items()
-        }
+        self._small = small or {}
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min
         # Frames no longer than this are always whole messages: no stream, no refusal.
         self._whole_max = min(max_payload, stream_min - 1) if streamed else max_payload
-        self._buf = bytearray()
+        self.buffer = bytearray()  # the bytes received: small_requests' frames are read here
         self._start = 0
         self._broken: Optional[BadFrame] = None
         self.payload_left = 0  # data bytes of the last DataFrame not yet taken
@@ -666,31 +671,26 @@ class Decoder:
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
-        if self._discard_left and self._start == len(self._buf):
+        if self._discard_left and self._start == len(self.buffer):
             dropped = min(self._discard_left, len(data))
             self._discard_left -= dropped
             data = data[dropped:]
-        self._buf += data
-
-    @property
-    def buffer(self) -> bytearray:
-        """The bytes received; the frames of ``small_requests`` are read from it."""
-        return self._buf
+        self.buffer += data
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet consumed."""
-        return len(self._buf) - self._start
+        return len(self.buffer) - self._start
 
     @property
     def in_frame(self) -> bool:
         """Whether part of a frame is waiting for the rest."""
-        return bool(len(self._buf) > self._start or self.payload_left or self._discard_left)
+        return bool(len(self.buffer) > self._start or self.payload_left or self._discard_left)
 
     def read_payload(self, into: memoryview) -> int:
         """Move buffered data bytes of the current DataFrame into ``into``; returns how many."""
         n = min(len(into), self.payload_left, self.buffered)
-        into[:n] = memoryview(self._buf)[self._start : self._start + n]
+        into[:n] = memoryview(self.buffer)[self._start : self._start + n]
         self._start += n
         self.payload_left -= n
         return n
@@ -718,7 +718,7 @@ class Decoder:
             raise self._broken
         if self.payload_left or (self._discard_left and not self._drop_discarded()):
             return None
-        buf = self._buf
+        buf = self.buffer
         start = self._start
         available = len(buf) - start
         if available < HEADER_SIZE:
@@ -751,44 +751,42 @@ class Decoder:
 
     def small_requests(self) -> Iterator[SmallRequest]:
         """The whole frames buffered, in order, while each is a small request of a fixed
-        layout that fits it (the ``small`` shapes): see SmallRequest.
+        layout that fits it (the ``small`` shapes, by message type): see SmallRequest.
 
         One pass, with no message object: the server answers the common requests straight
         from here.  A frame is consumed only when the next one is asked for, or when the
         frames run out; a caller that stops at a frame leaves it to ``next_message``, which
         decodes or refuses it as ever.  Nothing may be fed meanwhile.  Any frame this does
-        not yield (a large, malformed or unknown one) ends it, so it is seen there too.
+        not yield (a large, malformed or unknown one) ends it, so it is seen there too;
+        when it ends with every byte consumed, ``buffered`` is 0.
         """
         if self._broken is not None or self.payload_left or self._discard_left:
             return
-        buf = self._buf
+        buf = self.buffer
         shapes = self._small
-        unpack_header = HEADER.unpack_from
         whole_max = self._whole_max
         start = self._start
         end = len(buf)
-        while end - start >= HEADER_SIZE:
-            msg_type, length = unpack_header(buf, start)
-            try:
-                unpack, fixed, carries_data = shapes[msg_type]
-            except KeyError:
+        while start < end:
+            try:  # the type's low byte finds the layout; the whole type is checked below
+                unpack, fixed, carries_data = shapes[buf[start]]
+            except KeyError:  # not a small request
                 return
-            at = start + HEADER_SIZE
-            frame_end = at + length
-            if frame_end > end:
+            if end - start < HEADER_SIZE + fixed:
+                return
+            frame = unpack(buf, start)
+            length = frame[1]
+            frame_end = start + HEADER_SIZE + length
+            if frame[0] != buf[start] or frame_end > end:
                 return
             if carries_data:
-                if not fixed <= length <= whole_max:
+                if not fixed <= length <= whole_max or frame[-1] != length - fixed:
                     return
-                fields = unpack(buf, at)
-                if fields[-1] != length - fixed:
-                    return
-            elif length == fixed:
-                fields = unpack(buf, at)
-            else:
+            elif length != fixed:
                 return
-            yield msg_type, frame_end, fields
+            yield frame_end, frame
             start = self._start = frame_end
+        self._compact()  # every byte is consumed: none need be kept
 
     def _data_frame(self, msg_type: int, length: int, fixed: struct.Struct) -> Optional[DataFrame]:
         data_length = length - fixed.size
@@ -800,7 +798,7 @@ class Decoder:
         if self.buffered < HEADER_SIZE + fixed.size:
             self._compact()
             return None
-        *fields, count = fixed.unpack_from(self._buf, self._start + HEADER_SIZE)
+        *fields, count = fixed.unpack_from(self.buffer, self._start + HEADER_SIZE)
         self._start += HEADER_SIZE + fixed.size
         if count != data_length:
             self._discard_left = data_length
@@ -828,7 +826,7 @@ class Decoder:
 
     def _compact(self) -> None:
         if self._start:
-            del self._buf[: self._start]
+            del self.buffer[: self._start]
             self._start = 0
 
 

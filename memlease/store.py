@@ -71,6 +71,10 @@ _GRANT, _LEASE = protocol.GRANT, protocol.LEASE
 _BY_UUID = frozenset((_READ, _WRITE, _REPLACE, _RENEW, _RELEASE))  # naming a 16-byte id
 _BY_SHORT_ID = frozenset((_ACCESS_DATA, _SET_DATA))  # the original's, naming a short id
 _WRITES = frozenset((_WRITE, _SET_DATA, _REPLACE))
+_OK_REPLY = protocol.STATUS_REPLIES[protocol.OK]
+_PACK_DATA_HEAD = protocol.DATA_HEAD.pack  # a Data reply's head, before its data
+_DATA_FIELDS = protocol.DATA_HEAD_SIZE - protocol.HEADER_SIZE  # its payload before the data
+_STREAM_MIN = protocol.STREAM_MIN
 Bytes = Union[bytes, bytearray, memoryview]
 if TYPE_CHECKING:
     Column = array[int]  # a column of machine integers
@@ -500,8 +504,7 @@ class LeaseStore:
         requests: Iterator[protocol.SmallRequest],
         data: bytearray,
         out: bytearray,
-        counts: Column,
-        *,
+        counts: List[int],
         tenant: int,
         quota: int,
         short_ids: bool,
@@ -523,29 +526,22 @@ class LeaseStore:
         now = self._now()
         view = self._view
         pins = self._pins
-        ok = protocol.STATUS_REPLIES[protocol.OK]
-        pack_head = protocol.DATA_HEAD.pack
-        data_type = protocol.ACCESS_DATA  # a Data reply's type
-        head = protocol.DATA_HEAD_SIZE - protocol.HEADER_SIZE  # its payload before the data
-        stream_min = protocol.STREAM_MIN
         out_stop = len(out) + room
-        answered = 0
-        # The store's counters of reads and writes follow the counts by type.
-        reads = counts[_READ] + counts[_ACCESS_DATA]
-        writes = counts[_WRITE] + counts[_SET_DATA] + counts[_REPLACE]
+        answered = reads = writes = 0
         last = None  # the id of the lease found last; then its place:
         pos = base = size = short = 0
-        for msg_type, end, fields in requests:
+        for end, frame in requests:  # a frame is consumed when the next one is asked for
             if answered >= limit:
                 break
+            msg_type = frame[0]
             if msg_type in _BY_UUID:
-                lease_id = fields[0]
+                lease_id = frame[2]
             elif msg_type in _BY_SHORT_ID:
                 if not short_ids:
                     break
-                lease_id = protocol.short_form(fields[0])
+                lease_id = protocol.short_form(frame[2])
             else:  # Grant or Lease
-                reply = self._serve_lease(msg_type, fields, tenant, quota, short_ids, now)
+                reply = self._serve_lease(frame, tenant, quota, short_ids, now)
                 if reply is None:
                     break
                 out += reply
@@ -560,62 +556,61 @@ class LeaseStore:
                 last = lease_id
                 base, size, short = self._offsets[pos], self._sizes[pos], self._shorts[pos]
             if msg_type == _READ:
-                _, offset, length = fields
+                offset, length = frame[3], frame[4]
                 if length == -1:
                     length = size - offset
                 if (
                     offset < 0
                     or length < 0
                     or offset + length > size
-                    or length >= stream_min
+                    or length >= _STREAM_MIN
                     or len(out) >= out_stop  # small replies only: writes' fit a turn's budget
                 ):
                     break
-                out += pack_head(data_type, head + length, short, length)
+                out += _PACK_DATA_HEAD(_ACCESS_DATA, _DATA_FIELDS + length, short, length)
                 out += view[base + offset : base + offset + length]
+                reads += 1
             elif msg_type in _WRITES:
-                offset = fields[1] if msg_type == _WRITE else 0
-                length = fields[-1]
+                offset = frame[3] if msg_type == _WRITE else 0
+                length = frame[-1]
                 if base in pins or length > max_data or offset < 0 or offset + length > size:
                     break
                 start = base + offset
                 view[start : start + length] = data[end - length : end]
                 if msg_type == _REPLACE:
                     self.memory.zero(start + length, size - length)
-                out += ok
+                writes += 1
+                out += _OK_REPLY
             elif msg_type == _ACCESS_DATA:
-                if size >= stream_min or len(out) >= out_stop:
+                if size >= _STREAM_MIN or len(out) >= out_stop:
                     break
-                out += pack_head(data_type, head + size, short, size)
+                out += _PACK_DATA_HEAD(_ACCESS_DATA, _DATA_FIELDS + size, short, size)
                 out += view[base : base + size]
+                reads += 1
             elif msg_type == _RENEW:
-                if fields[1] <= 0:
+                if frame[3] <= 0:
                     break
-                self._renew_at(pos, now + fields[1])
+                self._renew_at(pos, now + frame[3])
                 last = None
-                out += ok
+                out += _OK_REPLY
             else:  # Release
                 self._release_at(pos)
                 last = None
-                out += ok
+                out += _OK_REPLY
             counts[msg_type] += 1
             answered += 1
-        self.counters["gets"] += counts[_READ] + counts[_ACCESS_DATA] - reads
-        self.counters["sets"] += counts[_WRITE] + counts[_SET_DATA] + counts[_REPLACE] - writes
+        if reads:
+            self.counters["gets"] += reads
+        if writes:
+            self.counters["sets"] += writes
         return answered
 
     def _serve_lease(
-        self,
-        msg_type: int,
-        fields: Tuple[int, int],
-        tenant: int,
-        quota: int,
-        short_ids: bool,
-        now: int,
+        self, frame: Tuple[Any, ...], tenant: int, quota: int, short_ids: bool, now: int
     ) -> Optional[bytes]:
         """The reply to a Grant or Lease that a free block serves at once; None for any
         other (a refusal, or a lease that must reclaim ended ones first)."""
-        size, duration_ms = fields
+        msg_type, _, size, duration_ms = frame
         if self._refusal(size, duration_ms, tenant, quota) != protocol.OK:
             return None
         order = self.allocator.order_for(size)
@@ -891,9 +886,11 @@ class LeaseStore:
         return pos if pos >= 0 and self._tenants[pos] == tenant else -1
 
     def _live_at(self, lease_id: bytes, tenant: int, now: int) -> int:
-        """The position of the tenant's lease if its deadline is after ``now``, or -1."""
-        pos = self._find(lease_id, tenant)
-        return pos if pos >= 0 and self._deadlines[pos] > now else -1
+        """Like _find, but -1 also for a lease whose deadline is not after ``now``."""
+        pos = self._position(lease_id)
+        if pos >= 0 and self._tenants[pos] == tenant and self._deadlines[pos] > now:
+            return pos
+        return -1
 
     def _live(self, lease_id: bytes, tenant: int) -> int:
         """Like _find, but a lease whose deadline has passed is expired now and not found."""

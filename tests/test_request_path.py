@@ -236,10 +236,10 @@ def test_small_requests_yields_whole_small_frames_and_leaves_the_rest_to_next_me
     stats = protocol.Stats()
     decoder = _decoder_with(read.encode() + write.encode() + stats.encode() + read.encode())
     frames = decoder.small_requests()
-    msg_type, end, fields = next(frames)
-    assert (msg_type, fields) == (protocol.READ, (lease_id, 0, -1))
-    msg_type, end, fields = next(frames)
-    assert (msg_type, fields) == (protocol.WRITE, (lease_id, 4, 4))
+    end, frame = next(frames)
+    assert frame == (protocol.READ, 32, lease_id, 0, -1)
+    end, frame = next(frames)
+    assert frame == (protocol.WRITE, 36, lease_id, 4, 4)
     assert bytes(decoder.buffer[end - 4 : end]) == b"data"
     assert list(frames) == []  # Stats is not one of them: it ends the pass
     assert decoder.next_message() == stats
@@ -253,7 +253,8 @@ def test_a_frame_the_caller_stops_at_is_decoded_by_next_message():
     for _ in decoder.small_requests():
         break  # the caller leaves the first frame to its method
     assert decoder.next_message() == renew
-    assert [fields for _, _, fields in decoder.small_requests()] == [(lease_id, 5000)]
+    frames = [frame for _, frame in decoder.small_requests()]
+    assert frames == [(protocol.RENEW, 20, lease_id, 5000)]
     assert decoder.next_message() is None and decoder.buffered == 0
 
 
@@ -264,6 +265,7 @@ def test_a_frame_the_caller_stops_at_is_decoded_by_next_message():
         protocol.HEADER.pack(protocol.WRITE, 40) + bytes(16) + bytes(8) + b"\x09" + bytes(15),
         protocol.HEADER.pack(protocol.RELEASE, -16) + bytes(16),
         protocol.HEADER.pack(99, 0),
+        protocol.HEADER.pack(protocol.READ + 256, 32) + bytes(32),  # a type past a byte
         protocol.Write(protocol.NO_LEASE, 0, bytes(protocol.STREAM_MIN)).encode()[:100],
         protocol.Read(protocol.NO_LEASE, 0, 1).encode()[:-1],  # not whole yet
     ],
