@@ -323,8 +323,10 @@ class Connection:
             self._process()
 
     def close(self) -> None:
-        """Let go of everything held for this connection: pinned blocks, a partial write."""
+        """Let go of everything held for this connection: pinned blocks, a partial write,
+        and the loop's callback (so the channel goes as soon as it is dropped)."""
         self.closing = True
+        self.wake = _nothing
         if self._waiting_on is not None:
             self.service.stop_waiting(self._waiting_on, self)
             self._waiting_on = None

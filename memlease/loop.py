@@ -20,6 +20,11 @@ _WRITE = selectors.EVENT_WRITE
 TimeCallback = Callable[[], Optional[float]]
 
 
+def _never() -> Optional[float]:
+    """A cancelled timer's callback: never called."""
+    return None
+
+
 class Timer:
     """A scheduled time event; :meth:`EventLoop.cancel` keeps it from running."""
 
@@ -137,6 +142,7 @@ class EventLoop:
         if timer.cancelled:
             return
         timer.cancelled = True
+        timer.callback = _never  # what it would have called is let go now, not when popped
         if not timer.scheduled:  # running now, or done: nothing in the heap to skip
             return
         self._cancelled += 1
