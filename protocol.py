@@ -612,6 +612,7 @@ _STREAMED_REPLIES = {ACCESS_DATA: _IQ}
 # The common small requests, which a server may answer in one pass over its buffer
 # (Decoder.small_requests): type -> the unpacker of a frame's header and fixed fields,
 # the fields' size, and whether data bytes follow them (then the last field counts them).
+# Their types are below 256, so the first byte of a frame finds its shape.
 SmallShape = Tuple[Callable[[bytearray, int], Tuple[Any, ...]], int, bool]
 
 
