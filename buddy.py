@@ -14,8 +14,13 @@ tree drops have their upward links cut, so reference counting frees them at once
 the tree never leaves cycles for the garbage collector.
 """
 
+import gc
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from bisect import bisect_left
+from collections import deque
+from itertools import chain, compress, repeat
+from operator import and_, eq, lt, not_, or_, rshift, xor
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 
 class RootSlot:
@@ -97,6 +102,36 @@ class SplitBlock(Block):
 Parent = Union[SplitBlock, RootSlot, None]  # None once a block has left the tree
 
 
+def _merged(
+    places: List[int], nodes: List[Block], more_places: List[int], more_nodes: List[Block]
+) -> Tuple[List[int], List[Block]]:
+    """Two ascending runs of nodes by offset as one; ValueError if two share an offset."""
+    if not places:
+        return more_places, more_nodes
+    if len(more_places) <= _FEW:  # a few, as at the edge of a full region: put each in
+        for place, node in zip(more_places, more_nodes):
+            where = bisect_left(places, place)
+            if where < len(places) and places[where] == place:
+                raise ValueError("a block overlaps another")
+            places.insert(where, place)
+            nodes.insert(where, node)
+        return places, nodes
+    at = dict(zip(places, nodes))
+    at.update(zip(more_places, more_nodes))
+    if len(at) != len(places) + len(more_places):
+        raise ValueError("a block overlaps another")
+    merged = sorted(at)
+    return merged, list(map(at.__getitem__, merged))
+
+
+_FEW = 64  # more nodes than this are merged in by sorting, fewer one at a time
+
+
+def _consume(items: Iterable[object]) -> None:
+    """Run an iterator of calls to its end, in C."""
+    deque(items, maxlen=0)
+
+
 def _heap_bytes(instance: object) -> int:
     """What an object really occupies: its size rounded up to the allocator's 16 bytes."""
     return (sys.getsizeof(instance) + 15) & ~15
@@ -130,6 +165,90 @@ class BuddyAllocator:
                 offset += 1 << order
         self.capacity = offset
         self._free_bytes = offset
+
+    def take_blocks(self, offsets: Sequence[int], orders: Sequence[int]) -> None:
+        """Allocate exactly these blocks, as if each were claimed, in an allocator that has
+        none allocated: ``offsets`` ascending, ``orders`` beside them.
+
+        It builds the tree and the free lists in one pass a level at a time, bottom up,
+        in bulk (a million blocks in well under a second, where a million claims take
+        seconds), and leaves no garbage behind.  ValueError if a block is misplaced,
+        outside the pool or overlaps another; the allocator is then of no further use.
+        """
+        if self._free_bytes != self.capacity:
+            raise ValueError("the allocator has blocks allocated already")
+        if offsets:
+            enabled = gc.isenabled()
+            gc.disable()  # millions of new nodes, none of them garbage: no collection
+            try:
+                self._build(offsets, orders)
+            finally:
+                if enabled:
+                    gc.enable()
+
+    def _build(self, offsets: Sequence[int], orders: Sequence[int]) -> None:
+        """take_blocks' work, level by level: the nodes of a level are its allocated
+        blocks and the split nodes made below, in the order of their offsets; each one
+        whose sibling is not among them gets a free leaf beside it; each pair gets its
+        parent, a node of the level above.  A block that overlaps another meets a node
+        at its own offset on its level."""
+        if min(orders) < self.min_order:
+            raise ValueError("a block is smaller than the least")
+        leased = {
+            order: list(compress(offsets, map(eq, orders, repeat(order)))) for order in set(orders)
+        }
+        new = object.__new__
+        places: List[int] = []  # the offsets of the nodes at the level being built, ascending
+        nodes: List[Block] = []  # the nodes there
+        for level in range(self.min_order, self._slots[0].order + 1):
+            size = 1 << level
+            blocks = leased.pop(level, [])
+            if blocks:
+                if blocks[0] < 0 or any(map(and_, blocks, repeat(size - 1))):
+                    raise ValueError("a block is misaligned, or before the pool")
+                if not all(map(lt, blocks, blocks[1:])):
+                    raise ValueError("blocks overlap, or are not in the order of their offsets")
+                self._free_bytes -= size * len(blocks)
+                leaves: List[Block] = list(map(new, repeat(LeasedBlock, len(blocks))))
+                places, nodes = _merged(places, nodes, blocks, leaves)
+            if not places:
+                continue
+            covered = sum(1 << slot.order for slot in self._slots if slot.order >= level)
+            if places[-1] >= covered:
+                raise ValueError("a block lies outside the pool's roots of its size")
+            for slot in self._slots:
+                at = bisect_left(places, slot.offset)
+                if slot.order == level and at < len(places) and places[at] == slot.offset:
+                    self._unlist(level, slot.offset)
+                    node = nodes.pop(at)
+                    del places[at]
+                    node.parent = slot
+                    slot.child = node
+            if not places:
+                continue
+            count = len(places)
+            if count % 2 or places[0] % (2 * size) or places[-1] - places[0] != (count - 1) * size:
+                # Not one run of whole pairs (distinct, ascending multiples of ``size``
+                # from the first to the last): find the nodes whose sibling is missing.
+                parents_at = list(map(rshift, places, repeat(level + 1)))
+                with_next = list(map(eq, parents_at, parents_at[1:]))
+                with_next.append(False)
+                paired = map(or_, with_next, chain((False,), with_next))
+                free = list(map(xor, compress(places, map(not_, paired)), repeat(size)))
+                leaves = list(map(new, repeat(FreeBlock, len(free))))
+                self._free[level].update(zip(free, leaves))
+                places, nodes = _merged(places, nodes, free, leaves)
+            parents: List[Block] = list(map(new, repeat(SplitBlock, len(nodes) // 2)))
+            _consume(map(setattr, parents, repeat("left"), nodes[0::2]))
+            _consume(map(setattr, parents, repeat("right"), nodes[1::2]))
+            _consume(
+                map(setattr, nodes, repeat("parent"), chain.from_iterable(zip(parents, parents)))
+            )
+            self.split_blocks += len(parents)
+            places, nodes = places[0::2], parents
+        if places or leased:
+            raise ValueError("a block is larger than the pool's roots")
+        self._nonempty = sum(1 << order for order, free in enumerate(self._free) if free)
 
     @property
     def roots(self) -> List[Block]:

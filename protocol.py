@@ -11,7 +11,7 @@ See docs/protocol.md for every message and status code.
 
 import struct
 import uuid
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type, Union
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
@@ -212,6 +212,7 @@ class AccessData(NamedTuple):
 
 
 DATA_HEAD_SIZE = _FRAME_IQ.size
+DATA_HEAD = _FRAME_IQ  # a Data reply's head: type, payload length, id, data length
 
 
 def data_head(lease_id: int, length: int) -> bytes:
@@ -779,6 +780,35 @@ MAX_BUFFERED_REQUEST = STREAM_MIN + WRITE_OVERHEAD
 _STREAMED_REQUESTS = {SET_DATA: _IQ, WRITE: _UQQ, REPLACE: _UQ}
 _STREAMED_REPLIES = {ACCESS_DATA: _IQ}
 
+# The common small requests, which a server may answer in one pass over its buffer
+# (Decoder.small_requests): type -> the unpacker of a frame's header and fixed fields,
+# the fields' size, and whether data bytes follow them (then the last field counts them).
+# Their types are below 256, so the first byte of a frame finds its shape.
+SmallShape = Tuple[Callable[[bytearray, int], Tuple[Any, ...]], int, bool]
+
+
+def _small(layout: struct.Struct, carries_data: bool) -> SmallShape:
+    """The unpacker of a whole frame's header and fixed fields, the fields' size, and
+    whether data follow them."""
+    return struct.Struct("<iq" + layout.format[1:]).unpack_from, layout.size, carries_data
+
+
+SMALL_REQUESTS: Dict[int, SmallShape] = {
+    READ: _small(_UQQ, False),
+    WRITE: _small(_UQQ, True),
+    ACCESS_DATA: _small(_I, False),
+    SET_DATA: _small(_IQ, True),
+    RENEW: _small(_UI, False),
+    RELEASE: _small(_U, False),
+    REPLACE: _small(_UQ, True),
+    GRANT: _small(_II, False),
+    LEASE: _small(_II, False),
+}
+# What Decoder.small_requests yields: where the frame ends in the decoder's buffer (a
+# data frame's data are the last bytes before it), and its header's and fixed fields'
+# values: (type, payload length, field, ...).
+SmallRequest = Tuple[int, Tuple[Any, ...]]
+
 
 class Decoder:
     """Turns a byte stream, split anywhere, into whole messages.
@@ -796,14 +826,16 @@ class Decoder:
         max_payload: int,
         streamed: Optional[Dict[int, struct.Struct]] = None,
         stream_min: int = STREAM_MIN,
+        small: Optional[Dict[int, SmallShape]] = None,
     ) -> None:
         self._parsers = parsers
+        self._small = small or {}
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min
         # Frames no longer than this are always whole messages: no stream, no refusal.
         self._whole_max = min(max_payload, stream_min - 1) if streamed else max_payload
-        self._buf = bytearray()
+        self.buffer = bytearray()  # the bytes received: small_requests' frames are read here
         self._start = 0
         self._broken: Optional[BadFrame] = None
         self.payload_left = 0  # data bytes of the last DataFrame not yet taken
@@ -811,26 +843,26 @@ class Decoder:
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
-        if self._discard_left and self._start == len(self._buf):
+        if self._discard_left and self._start == len(self.buffer):
             dropped = min(self._discard_left, len(data))
             self._discard_left -= dropped
             data = data[dropped:]
-        self._buf += data
+        self.buffer += data
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet consumed."""
-        return len(self._buf) - self._start
+        return len(self.buffer) - self._start
 
     @property
     def in_frame(self) -> bool:
         """Whether part of a frame is waiting for the rest."""
-        return bool(len(self._buf) > self._start or self.payload_left or self._discard_left)
+        return bool(len(self.buffer) > self._start or self.payload_left or self._discard_left)
 
     def read_payload(self, into: memoryview) -> int:
         """Move buffered data bytes of the current DataFrame into ``into``; returns how many."""
         n = min(len(into), self.payload_left, self.buffered)
-        into[:n] = memoryview(self._buf)[self._start : self._start + n]
+        into[:n] = memoryview(self.buffer)[self._start : self._start + n]
         self._start += n
         self.payload_left -= n
         return n
@@ -858,7 +890,7 @@ class Decoder:
             raise self._broken
         if self.payload_left or (self._discard_left and not self._drop_discarded()):
             return None
-        buf = self._buf
+        buf = self.buffer
         start = self._start
         available = len(buf) - start
         if available < HEADER_SIZE:
@@ -889,6 +921,45 @@ class Decoder:
             raise BadMessage(UNKNOWN_TYPE, msg_type, "unknown message type %d" % msg_type)
         return parser(buf, start + HEADER_SIZE, length)
 
+    def small_requests(self) -> Iterator[SmallRequest]:
+        """The whole frames buffered, in order, while each is a small request of a fixed
+        layout that fits it (the ``small`` shapes, by message type): see SmallRequest.
+
+        One pass, with no message object: the server answers the common requests straight
+        from here.  A frame is consumed only when the next one is asked for, or when the
+        frames run out; a caller that stops at a frame leaves it to ``next_message``, which
+        decodes or refuses it as ever.  Nothing may be fed meanwhile.  Any frame this does
+        not yield (a large, malformed or unknown one) ends it, so it is seen there too;
+        when it ends with every byte consumed, ``buffered`` is 0.
+        """
+        if self._broken is not None or self.payload_left or self._discard_left:
+            return
+        buf = self.buffer
+        shapes = self._small
+        whole_max = self._whole_max
+        start = self._start
+        end = len(buf)
+        while start < end:
+            try:  # the type's low byte finds the layout; the whole type is checked below
+                unpack, fixed, carries_data = shapes[buf[start]]
+            except KeyError:  # not a small request
+                return
+            if end - start < HEADER_SIZE + fixed:
+                return
+            frame = unpack(buf, start)
+            length = frame[1]
+            frame_end = start + HEADER_SIZE + length
+            if frame[0] != buf[start] or frame_end > end:
+                return
+            if carries_data:
+                if not fixed <= length <= whole_max or frame[-1] != length - fixed:
+                    return
+            elif length != fixed:
+                return
+            yield frame_end, frame
+            start = self._start = frame_end
+        self._compact()  # every byte is consumed: none need be kept
+
     def _data_frame(self, msg_type: int, length: int, fixed: struct.Struct) -> Optional[DataFrame]:
         data_length = length - fixed.size
         if data_length > INT32_MAX:
@@ -899,7 +970,7 @@ class Decoder:
         if self.buffered < HEADER_SIZE + fixed.size:
             self._compact()
             return None
-        *fields, count = fixed.unpack_from(self._buf, self._start + HEADER_SIZE)
+        *fields, count = fixed.unpack_from(self.buffer, self._start + HEADER_SIZE)
         self._start += HEADER_SIZE + fixed.size
         if count != data_length:
             self._discard_left = data_length
@@ -927,13 +998,13 @@ class Decoder:
 
     def _compact(self) -> None:
         if self._start:
-            del self._buf[: self._start]
+            del self.buffer[: self._start]
             self._start = 0
 
 
 def request_decoder(max_payload: int = MAX_BUFFERED_REQUEST) -> Decoder:
     """A decoder for the server's side: large writes come out as DataFrames."""
-    return Decoder(REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS)
+    return Decoder(REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS, small=SMALL_REQUESTS)
 
 
 def reply_decoder(

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -75,6 +76,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def _wire_id(lease_id: object) -> bytes:
+    """The 16 bytes that name a lease the client returned (a UUID)."""
+    assert isinstance(lease_id, uuid.UUID), "a MemoryLease 2 server grants UUIDs"
+    return lease_id.bytes
+
+
+def _set_frame(lease_id: bytes) -> bytes:
+    """A 100-byte set, as our client sends it for a UUID: Write at offset 0."""
+    return protocol.Write(lease_id, 0, VALUE).encode()
+
+
+def _get_frame(lease_id: bytes) -> bytes:
+    """A whole-lease get, as our client sends it for a UUID: Read from 0 to the end."""
+    return protocol.Read(lease_id, 0, -1).encode()
+
+
 class Session:
     """One connection's set and get requests, as bytes, with the size of each reply."""
 
@@ -87,12 +104,13 @@ class Session:
             self.get_request = b"get %s\r\n" % name
             self.get_reply = len(b"VALUE %s 0 %d\r\n\r\nEND\r\n" % (name, len(VALUE))) + len(VALUE)
         else:
+            # The messages our client sends for a lease it got by Grant: Write and Read.
             with our_client(target) as client:
                 lease_id = client.lease(len(VALUE), 3_600_000)
-            self.set_request = protocol.SetData(lease_id, VALUE).encode()
+            self.set_request = _set_frame(_wire_id(lease_id))
             self.set_reply = len(protocol.DataSet(0).encode())
-            self.get_request = protocol.AccessData(lease_id).encode()
-            self.get_reply = len(protocol.Data(lease_id, VALUE).encode())
+            self.get_request = _get_frame(_wire_id(lease_id))
+            self.get_reply = len(protocol.Data(0, VALUE).encode())
             self.lease_id = lease_id
 
     def connect(self) -> socket.socket:
@@ -228,9 +246,10 @@ def _floor_server(port_queue: "multiprocessing.Queue[int]") -> None:
     """The least a Python server on a selectors loop can do: frame each request and answer
     it with a canned reply of its type.  No store, no checks: a ceiling for ours."""
     replies = {
-        protocol.LEASE: protocol.Leased(1).encode(),
-        protocol.SET_DATA: protocol.DataSet(protocol.OK).encode(),
-        protocol.ACCESS_DATA: protocol.Data(1, VALUE).encode(),
+        protocol.ACCESS_DATA: protocol.Data(protocol.PROBE_ID, protocol.PROBE_TEXT).encode(),
+        protocol.GRANT: protocol.Granted(uuid.uuid4().bytes).encode(),
+        protocol.WRITE: protocol.DataSet(protocol.OK).encode(),
+        protocol.READ: protocol.Data(0, VALUE).encode(),
     }
     selector = selectors.DefaultSelector()
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
@@ -301,6 +320,9 @@ def bench_servers(
     compared = [n for n in names if n != "memcached"] if "memcached" in names else []
     header = "| scenario | clients | " + " | ".join("%s ops/s" % n for n in names) + " |"
     header += "".join(" %s / memcached |" % n for n in compared)
+    floor = "python floor" if "python floor" in names and "memlease" in names else None
+    if floor:
+        header += " memlease / python floor |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     latency_rows = []
@@ -337,6 +359,8 @@ def bench_servers(
             row = "| %s | %d | %s |" % (scenario, clients, " | ".join("%.0f" % m for m in medians))
             rate = dict(zip(names, medians))
             row += "".join(" %.2f |" % (rate[n] / rate["memcached"]) for n in compared)
+            if floor:
+                row += " %.2f |" % (rate["memlease"] / rate[floor])
             print(row, flush=True)
             if scenario == "persistent":
                 for n in names:
@@ -357,15 +381,22 @@ def bench_servers(
         print(row)
 
 
+_FRAME_HEAD = struct.Struct("<iq16s")  # a request's header and its lease id
+
+
 def bench_request(reps: int, batches: int = 200) -> None:
     """What one 100-byte request costs in this process, without sockets: decoding it, the
-    store's write or read, and the whole of it through a Connection (SET and GET alike)."""
+    store's write or read, and the whole of it through a Connection (SET and GET alike),
+    beside the least any Python server does per request: a bare loop that unpacks each
+    frame's header and id, looks the id up in a dict, slices 100 bytes and appends them."""
     store = LeaseStore(1 << 20)
     lease_id = store.lease(len(VALUE), 3_600_000, 0, 0)
-    batch = (protocol.SetData(lease_id, VALUE).encode() + protocol.AccessData(lease_id).encode())
-    batch *= BATCH // 2
+    assert isinstance(lease_id, bytes)
+    batch = (_set_frame(lease_id) + _get_frame(lease_id)) * (BATCH // 2)
     decoder = protocol.request_decoder()
     conn = Connection(Service(store), "bench")
+    table = {lease_id: 0}
+    pool = bytearray(1 << 20)
 
     def decode() -> None:
         decoder.feed(batch)
@@ -381,6 +412,15 @@ def bench_request(reps: int, batches: int = 200) -> None:
         conn.receive(batch)
         conn.sent(conn.output_size)
 
+    def bare() -> None:
+        out = bytearray()
+        at, end, unpack = 0, len(batch), _FRAME_HEAD.unpack_from
+        while at < end:
+            _, length, key = unpack(batch, at)
+            offset = table[key]
+            out += pool[offset : offset + 100]
+            at += protocol.HEADER_SIZE + length
+
     print()
     print("| one request, in this process | us (median of %d) |" % reps)
     print("|---|---|")
@@ -388,7 +428,9 @@ def bench_request(reps: int, batches: int = 200) -> None:
         ("decode", decode),
         ("store write or read", store_ops),
         ("all of it, through a Connection", whole),
+        ("a bare loop: unpack_from + dict lookup + slice + append", bare),
     )
+    medians = {}
     for label, action in parts:
         times = []
         for _ in range(reps):
@@ -396,7 +438,10 @@ def bench_request(reps: int, batches: int = 200) -> None:
             for _ in range(batches):
                 action()
             times.append((time.perf_counter() - began) / (batches * BATCH))
-        print("| %s | %.2f |" % (label, statistics.median(times) * 1e6))
+        medians[label] = statistics.median(times)
+        print("| %s | %.2f |" % (label, medians[label] * 1e6))
+    whole_label, bare_label = parts[2][0], parts[3][0]
+    print("| all of it / the bare loop | %.2fx |" % (medians[whole_label] / medians[bare_label]))
 
 
 def bench_allocator(reps: int, operations: int) -> None:
@@ -688,7 +733,7 @@ def bench_slow_readers(readers: int = 4, size: int = 128 << 20) -> None:
                 before = _rss_kib(proc.pid)
                 for _ in range(readers):
                     sock = socket.create_connection(("127.0.0.1", target.port), timeout=10)
-                    sock.sendall(protocol.AccessData(lease_id).encode())
+                    sock.sendall(_get_frame(_wire_id(lease_id)))
                     sockets.append(sock)  # and never read
                 worst = 0.0
                 deadline = time.perf_counter() + 2.0

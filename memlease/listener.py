@@ -173,7 +173,7 @@ class Channel:
         received = 0
         try:
             while True:
-                into = conn.receive_buffer()
+                into = conn.receive_buffer() if conn.uploading else None
                 if into is not None:
                     n = sock.recv_into(into)
                     if n:
@@ -222,10 +222,14 @@ class Channel:
             return
         if self.closed or self.lingering:  # lingering: only _linger reads, nothing is sent
             return
-        self._set_reading(conn.wants_input and not self.peer_done)
-        if self.reading and self.tls and _pending(self.sock):
+        reading = conn.wants_input and not self.peer_done
+        if reading != self.reading:
+            self._set_reading(reading)
+        if reading and self.tls and _pending(self.sock):
             self.loop.call_soon(self.on_readable)  # decrypted bytes wait: no event will tell
-        self._set_writing(bool(conn.output_size))
+        writing = bool(conn.output_size)
+        if writing != self.writing:
+            self._set_writing(writing)
         if conn.has_backlog:
             self._come_back()
         if conn.closing and not conn.output_size and not self.lingering:

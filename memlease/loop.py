@@ -20,6 +20,11 @@ _WRITE = selectors.EVENT_WRITE
 TimeCallback = Callable[[], Optional[float]]
 
 
+def _never() -> Optional[float]:
+    """A cancelled timer's callback: never called."""
+    return None
+
+
 class Timer:
     """A scheduled time event; :meth:`EventLoop.cancel` keeps it from running."""
 
@@ -137,6 +142,7 @@ class EventLoop:
         if timer.cancelled:
             return
         timer.cancelled = True
+        timer.callback = _never  # what it would have called is let go now, not when popped
         if not timer.scheduled:  # running now, or done: nothing in the heap to skip
             return
         self._cancelled += 1
@@ -173,14 +179,16 @@ class EventLoop:
             wait = min(wait, MAX_WAIT)  # epoll takes at most 2**31 - 1 ms
         self.turns += 1
         ready = self._selector.select(wait)
-        self.now = self.clock()
+        now = self.now = self.clock()
         for key, events in ready:
             handlers = key.data
             if events & _READ and handlers.reader is not None:
                 handlers.reader()
             if events & _WRITE and handlers.writer is not None:
                 handlers.writer()
-        self._run_due_timers()
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            self._run_due_timers()
         if self._soon:
             soon, self._soon = self._soon, []
             for callback in soon:
@@ -201,11 +209,10 @@ class EventLoop:
         return max(timers[0][0] - self.clock(), 0.0)
 
     def _run_due_timers(self) -> None:
-        """Run the timers due now; ones that a callback schedules for now wait a turn."""
+        """Run the timers due now (run_once has seen that one is); ones that a callback
+        schedules for now wait a turn."""
         timers = self._timers
         now = self.now
-        if not timers or timers[0][0] > now:
-            return
         due = []
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]

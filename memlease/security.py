@@ -316,6 +316,8 @@ class RateLimiter:
 
     def allowed(self, key: str) -> bool:
         """Whether one more event from ``key`` is within its limit (nothing is used up)."""
+        if not self._buckets:  # nothing counted yet: the usual case, decided at once
+            return True
         return self._tokens(self._key(key), self.clock()) >= 1.0
 
     def take(self, key: str) -> bool:

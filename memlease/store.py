@@ -33,9 +33,22 @@ import sys
 import time
 import zlib
 from array import array
-from collections import Counter
-from itertools import compress
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from collections import Counter, deque
+from itertools import chain, compress, islice, repeat
+from operator import add, and_, le, lshift, lt
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import protocol
 from buddy import BuddyAllocator
@@ -52,6 +65,18 @@ COUNTERS = (
     "sets",
 )
 _EMPTY = memoryview(b"")
+# The small requests that serve() answers, as local names for its loop.
+_READ, _WRITE, _REPLACE = protocol.READ, protocol.WRITE, protocol.REPLACE
+_ACCESS_DATA, _SET_DATA = protocol.ACCESS_DATA, protocol.SET_DATA
+_RENEW, _RELEASE = protocol.RENEW, protocol.RELEASE
+_GRANT, _LEASE = protocol.GRANT, protocol.LEASE
+_BY_UUID = frozenset((_READ, _WRITE, _REPLACE, _RENEW, _RELEASE))  # naming a 16-byte id
+_BY_SHORT_ID = frozenset((_ACCESS_DATA, _SET_DATA))  # the original's, naming a short id
+_WRITES = frozenset((_WRITE, _SET_DATA, _REPLACE))
+_OK_REPLY = protocol.STATUS_REPLIES[protocol.OK]
+_PACK_DATA_HEAD = protocol.DATA_HEAD.pack  # a Data reply's head, before its data
+_DATA_FIELDS = protocol.DATA_HEAD_SIZE - protocol.HEADER_SIZE  # its payload before the data
+_STREAM_MIN = protocol.STREAM_MIN
 Bytes = Union[bytes, bytearray, memoryview]
 if TYPE_CHECKING:
     Column = array[int]  # a column of machine integers
@@ -261,6 +286,62 @@ def _appended(column: Column, value: int) -> Column:
     return column
 
 
+def _narrowest(typecode: str, values: Column, least: int, most: int) -> Column:
+    """A column of ``typecode`` holding a column of 8-byte ``values`` (from ``least`` to
+    ``most``), or those values themselves if they do not fit (as _appended widens).
+
+    The narrow column is cut from the wide one's bytes, in C: each value keeps its low
+    bytes, which hold it whole once it fits.
+    """
+    narrow = array(typecode)
+    width = narrow.itemsize
+    if not _fits(typecode, least, most):
+        return array("q", values)
+    wide = values.tobytes()
+    low = 0 if sys.byteorder == "little" else values.itemsize - width
+    cut = bytearray(width * len(values))
+    for byte in range(width):
+        cut[byte::width] = wide[low + byte :: values.itemsize]
+    narrow.frombytes(cut)
+    return narrow
+
+
+def _fits(typecode: str, least: int, most: int) -> bool:
+    """Whether every value from ``least`` to ``most`` fits a column of ``typecode``."""
+    bits = 8 * array(typecode).itemsize
+    if typecode.isupper():  # unsigned
+        return least >= 0 and most < 1 << bits
+    return -(1 << (bits - 1)) <= least and most < 1 << (bits - 1)
+
+
+_DEADLINES = 6  # the deadlines' column in the lease table, after ids, tenant, size, offset
+
+
+def _heap_ordered(keys: Column) -> bool:
+    """Whether no key is below its parent's in the binary heap the column is laid out as."""
+    parents = chain.from_iterable(zip(keys, keys))  # the parent of i > 0 is (i - 1) // 2
+    return all(map(le, parents, islice(keys, 1, None)))
+
+
+def _index_of(
+    keys: "Sequence[int]", positions: "Sequence[int]", most: int
+) -> Tuple[Column, int]:
+    """An index of ``keys`` (key & mask -> position), at most half full as the store
+    keeps its indexes, with a mask that tells the keys apart: no more than ``most``
+    slots, more than a saved table's index can have held."""
+    slots = _FIRST_INDEX_SLOTS
+    while slots < 2 * (len(keys) + 1):
+        slots *= 2
+    while True:
+        index = array("i", [-1]) * slots
+        deque(map(index.__setitem__, map(and_, keys, repeat(slots - 1)), positions), maxlen=0)
+        if slots - index.count(-1) == len(keys):
+            return index, slots - 1
+        slots *= 2  # saved ids were apart in a larger index
+        if slots > most:
+            raise _CleanStart("the lease table holds a lease twice, or ids no index tells apart")
+
+
 def _discard(path: str) -> None:
     try:
         os.unlink(path)
@@ -360,9 +441,15 @@ class LeaseStore:
         if offset < 0:
             self.counters["leases_refused"] += 1
             return status or protocol.NO_MEMORY
+        return self._grant(offset, size, self._now() + duration_ms, duration_ms, tenant, short)
+
+    def _grant(
+        self, offset: int, size: int, deadline: int, duration: int, tenant: int, short: int
+    ) -> bytes:
+        """Make the lease of the block at ``offset``, already taken: its new id."""
         high, low = self._new_id()
         self.memory.zero(offset, self._block(size))
-        self._add(high, low, short, tenant, size, offset, self._now() + duration_ms, duration_ms)
+        self._add(high, low, short, tenant, size, offset, deadline, duration)
         self.counters["leases_granted"] += 1
         if self.allocator.split_blocks - self._gc_floor >= FREEZE_STEP:
             self._freeze()
@@ -375,8 +462,8 @@ class LeaseStore:
 
     def check_write(self, lease_id: bytes, offset: int, length: int, tenant: int = 0) -> int:
         """The status a write of ``length`` bytes at ``offset`` would get now; changes nothing."""
-        pos = self._find(lease_id, tenant)
-        if pos < 0 or self._deadlines[pos] <= self._now():
+        pos = self._live_at(lease_id, tenant, self._now())
+        if pos < 0:
             return protocol.NOT_FOUND
         return self._write_status(pos, offset, length)
 
@@ -461,8 +548,11 @@ class LeaseStore:
         pos = self._live(lease_id, tenant)
         if pos < 0:
             return protocol.NOT_FOUND
+        self._renew_at(pos, self._now() + duration_ms, duration_ms)
+        return protocol.OK
+
+    def _renew_at(self, pos: int, deadline: int, duration_ms: int) -> None:
         self._table_changed()
-        deadline = self._now() + duration_ms
         self._widen_deadlines(deadline)
         self._settle(
             pos,
@@ -476,16 +566,148 @@ class LeaseStore:
             duration_ms,
         )
         self.counters["leases_renewed"] += 1
-        return protocol.OK
 
     def release(self, lease_id: bytes, tenant: int = 0) -> int:
         """End a lease now; its memory is zeroed and returned.  Returns a status."""
         pos = self._live(lease_id, tenant)
         if pos < 0:
             return protocol.NOT_FOUND
+        self._release_at(pos)
+        return protocol.OK
+
+    def _release_at(self, pos: int) -> None:
         self._retire(pos)
         self.counters["leases_released"] += 1
-        return protocol.OK
+
+    # The common small requests, answered in one pass.
+
+    def serve(
+        self,
+        requests: Iterator[protocol.SmallRequest],
+        data: bytearray,
+        out: bytearray,
+        counts: List[int],
+        tenant: int,
+        quota: int,
+        short_ids: bool,
+        max_data: int,
+        limit: int,
+        room: int,
+    ) -> int:
+        """Answer small requests (protocol.Decoder.small_requests, whose frames are in
+        ``data``) into ``out`` as they come, while each succeeds at once; returns how many.
+
+        It stops, before that request has changed anything, at the first whose answer is
+        anything else: a refusal, a miss, an ended lease, a value to stream from the pool
+        or a write it must wait for, the original's messages without short ids, more than
+        ``max_data`` bytes; and after ``limit`` requests or ``room`` bytes of replies.
+        Those are left to the request's own method, which answers them as ever.  The
+        clock is read once, and a lease found once is found again without a lookup until
+        the table changes.  ``counts[type]`` counts the requests answered, by type.
+        """
+        now = self._now()
+        view = self._view
+        pins = self._pins
+        out_stop = len(out) + room
+        answered = reads = writes = 0
+        last = None  # the id of the lease found last; then its place:
+        pos = base = size = short = 0
+        for end, frame in requests:  # a frame is consumed when the next one is asked for
+            if answered >= limit:
+                break
+            msg_type = frame[0]
+            if msg_type in _BY_UUID:
+                lease_id = frame[2]
+            elif msg_type in _BY_SHORT_ID:
+                if not short_ids:
+                    break
+                lease_id = protocol.short_form(frame[2])
+            else:  # Grant or Lease
+                reply = self._serve_lease(frame, tenant, quota, short_ids, now)
+                if reply is None:
+                    break
+                out += reply
+                last = None  # the table changed
+                counts[msg_type] += 1
+                answered += 1
+                continue
+            if lease_id != last:
+                pos = self._live_at(lease_id, tenant, now)
+                if pos < 0:
+                    break
+                last = lease_id
+                base, size, short = self._offsets[pos], self._sizes[pos], self._shorts[pos]
+            if msg_type == _READ:
+                offset, length = frame[3], frame[4]
+                if length == -1:
+                    length = size - offset
+                if (
+                    offset < 0
+                    or length < 0
+                    or offset + length > size
+                    or length >= _STREAM_MIN
+                    or len(out) >= out_stop  # small replies only: writes' fit a turn's budget
+                ):
+                    break
+                out += _PACK_DATA_HEAD(_ACCESS_DATA, _DATA_FIELDS + length, short, length)
+                out += view[base + offset : base + offset + length]
+                reads += 1
+            elif msg_type in _WRITES:
+                offset = frame[3] if msg_type == _WRITE else 0
+                length = frame[-1]
+                if base in pins or length > max_data or offset < 0 or offset + length > size:
+                    break
+                start = base + offset
+                view[start : start + length] = data[end - length : end]
+                if msg_type == _REPLACE:
+                    self.memory.zero(start + length, size - length)
+                writes += 1
+                out += _OK_REPLY
+            elif msg_type == _ACCESS_DATA:
+                if size >= _STREAM_MIN or len(out) >= out_stop:
+                    break
+                out += _PACK_DATA_HEAD(_ACCESS_DATA, _DATA_FIELDS + size, short, size)
+                out += view[base : base + size]
+                reads += 1
+            elif msg_type == _RENEW:
+                if frame[3] <= 0:
+                    break
+                self._renew_at(pos, now + frame[3], frame[3])
+                last = None
+                out += _OK_REPLY
+            else:  # Release
+                self._release_at(pos)
+                last = None
+                out += _OK_REPLY
+            counts[msg_type] += 1
+            answered += 1
+        if reads:
+            self.counters["gets"] += reads
+        if writes:
+            self.counters["sets"] += writes
+        return answered
+
+    def _serve_lease(
+        self, frame: Tuple[Any, ...], tenant: int, quota: int, short_ids: bool, now: int
+    ) -> Optional[bytes]:
+        """The reply to a Grant or Lease that a free block serves at once; None for any
+        other (a refusal, or a lease that must reclaim ended ones first)."""
+        msg_type, _, size, duration_ms = frame
+        if self._refusal(size, duration_ms, tenant, quota) != protocol.OK:
+            return None
+        order = self.allocator.order_for(size)
+        if self.allocator.largest_free < 1 << order:
+            return None
+        if msg_type == _GRANT:
+            offset = self.allocator.take(order)
+            lease_id = self._grant(offset, size, now + duration_ms, duration_ms, tenant, 0)
+            return protocol.Granted(lease_id).encode()
+        short = self._new_short_id() if short_ids else 0
+        if not short:
+            return None
+        offset = self.allocator.take(order)
+        self._grant(offset, size, now + duration_ms, duration_ms, tenant, short)
+        return protocol.Leased(short).encode()
 
     def ttl(self, lease_id: bytes, tenant: int = 0) -> Optional[protocol.TimeToLiveReply]:
         """The live lease's time left, last duration and size; None when there is none."""
@@ -824,6 +1046,13 @@ class LeaseStore:
         pos = self._position(lease_id)
         return pos if pos >= 0 and self._tenants[pos] == tenant else -1
 
+    def _live_at(self, lease_id: bytes, tenant: int, now: int) -> int:
+        """Like _find, but -1 also for a lease whose deadline is not after ``now``."""
+        pos = self._position(lease_id)
+        if pos >= 0 and self._tenants[pos] == tenant and self._deadlines[pos] > now:
+            return pos
+        return -1
+
     def _live(self, lease_id: bytes, tenant: int) -> int:
         """Like _find, but a lease whose deadline has passed is expired now and not found."""
         pos = self._find(lease_id, tenant)
@@ -1052,18 +1281,13 @@ class LeaseStore:
             columns, self._short_ids = self._read_table(
                 self._table_path, self.memory.found_size, wall_now
             )
+            gc.collect(1)  # now, while little is young: what follows leaves no garbage cycle
             expired = self._take_back(columns, wall_now)
         except _CleanStart as doubt:
             self._start_empty()
             self.memory.wipe()
             return "clean start with an empty pool: %s" % doubt
-        self._freeze()
-        for offset, size in self.allocator.free_runs():
-            self.memory.zero(offset, size)  # no byte outside a lease survives
-        for size, offset in zip(self._sizes, self._offsets):
-            block = self._block(size)
-            if block > size:
-                self.memory.zero(offset + size, block - size)
+        self._freeze(collected=True)
         return "restored %d leases from %s (%d more had expired while it was stopped)" % (
             len(self._lows),
             state_file,
@@ -1131,34 +1355,92 @@ class LeaseStore:
         return columns, ids.ShortIds(key, issued)
 
     def _take_back(self, columns: "List[array[int]]", wall_now: int) -> int:
-        """Put each saved lease with time left back in its own block; returns the expired."""
-        now = self._now()
-        expired = 0
-        for high, low, short, tenant, size, offset, deadline, duration in zip(*columns):
-            if deadline <= wall_now:
-                expired += 1
-                continue
-            duration = duration or min(deadline - wall_now, protocol.INT32_MAX)  # version 2
-            if not (
-                ids.is_uuid4(high, low)
-                and 0 <= short <= ids.SHORT_ID_MAX
-                and 0 < size <= self.capacity
-                and 0 < duration <= protocol.INT32_MAX
-            ):
-                raise _CleanStart("the lease table holds an impossible lease")
-            lease_id = ids.HALVES.pack(high, low)
-            if self._position(lease_id) >= 0 or (short and self._short_position(short) >= 0):
-                raise _CleanStart("the lease table holds a lease twice")
-            if not self.allocator.claim(offset, self.allocator.order_for(size)):
-                raise _CleanStart("saved leases overlap, or lie outside the pool")
-            while self._slot_taken(low):
-                self._grow_index()  # saved ids were apart in a larger index
-            while short and self._short_slot_taken(short):
-                self._grow_short_index()
-            self._add(high, low, short, tenant, size, offset, now + deadline - wall_now, duration)
-        return expired
+        """Put each saved lease with time left back in its own block, all at once: the
+        columns are filtered, checked, ordered and indexed in bulk, and the allocator is
+        built from the leases' blocks in one pass.  Returns how many had expired."""
+        saved = len(columns[0])
+        alive = list(map(wall_now.__lt__, columns[_DEADLINES]))
+        living = sum(alive)
+        if living < saved:
+            columns = [array(column.typecode, compress(column, alive)) for column in columns]
+        if not living:
+            return saved
+        highs, lows, shorts, tenants, sizes, offsets, deadlines, durations = columns
+        if not all(durations):  # a version 2 table: the time left is the duration
+            left = (min(end - wall_now, protocol.INT32_MAX) for end in deadlines)
+            durations = array("q", (given or now for given, now in zip(durations, left)))
+            columns[-1] = durations
+        shorts_from, shorts_to = min(shorts), max(shorts)
+        sizes_from, sizes_to = min(sizes), max(sizes)
+        tenants_from, tenants_to = min(tenants), max(tenants)
+        if not (
+            ids.all_uuid4(highs, lows)
+            and 0 <= shorts_from <= shorts_to <= ids.SHORT_ID_MAX
+            and 0 < sizes_from <= sizes_to <= self.capacity
+            and 0 < min(durations) <= max(durations) <= protocol.INT32_MAX
+        ):
+            raise _CleanStart("the lease table holds an impossible lease")
+        order_of = {size: self.allocator.order_for(size) for size in set(sizes)}
+        self._rebuild_allocator(sizes, offsets, order_of)
+        if living < saved or not _heap_ordered(deadlines):
+            order = sorted(range(living), key=deadlines.__getitem__)  # sorted: a heap
+            columns = [array(column.typecode, map(column.__getitem__, order)) for column in columns]
+            highs, lows, shorts, tenants, sizes, offsets, deadlines, durations = columns
+        self._highs, self._lows = highs, lows
+        self._shorts = _narrowest("b", shorts, shorts_from, shorts_to)
+        self._tenants = _narrowest("b", tenants, tenants_from, tenants_to)
+        self._sizes = _narrowest("H", sizes, sizes_from, sizes_to)
+        self._offsets = _narrowest(self._offsets.typecode, offsets, 0, self.capacity)
+        self._durations = array("I", durations)
+        shift = self._now() - wall_now  # wall-clock milliseconds -> the store's
+        restored = array("q", map(add, deadlines, repeat(shift)))
+        self._deadlines = _narrowest("I", restored, restored[0], max(restored))  # a heap
+        most = max(4 * self.capacity // self._min_block, _FIRST_INDEX_SLOTS)
+        self._index, self._mask = _index_of(lows, range(living), most)
+        given = list(compress(shorts, shorts))  # the short ids there are, and where
+        positions = list(compress(range(living), shorts))
+        self._short_index, self._short_mask = _index_of(given, positions, most)
+        self._short_count = len(given)
+        if tenants_from == tenants_to and len(order_of) == 1:  # one tenant, one size
+            usage = Counter({(tenants[0], sizes[0]): living})
+        else:
+            usage = Counter(zip(tenants, sizes))
+        self._tenant_bytes, self._tenant_leases = {}, {}
+        for (tenant, size), count in usage.items():
+            self._tenant_leases[tenant] = self._tenant_leases.get(tenant, 0) + count
+            block_bytes = count << order_of[size]
+            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + block_bytes
+        return saved - living
 
-    def _freeze(self) -> None:
-        gc.collect(1)  # young garbage first, so no garbage cycle is frozen with the rest
+    def _rebuild_allocator(
+        self, sizes: Column, offsets: Column, order_of: Dict[int, int]
+    ) -> None:
+        """The allocator with exactly the leases' blocks taken, from their places in the
+        order of the pool; and every byte outside the leases' data zeroed (the free
+        blocks, and the blocks' tails past their leases' sizes), so no byte of an ended
+        lease survives."""
+        starts = sorted(offsets)
+        if len(order_of) == 1:  # leases of one size, the usual case: no lookup per lease
+            ((size, order),) = order_of.items()
+            lengths = [size] * len(starts)
+            orders = [order] * len(starts)
+        else:
+            lengths = list(map(dict(zip(offsets, sizes)).__getitem__, starts))
+            orders = list(map(order_of.__getitem__, lengths))
+        try:
+            self.allocator.take_blocks(starts, orders)
+        except ValueError:
+            raise _CleanStart("saved leases overlap, or lie outside the pool") from None
+        for offset, free in self.allocator.free_runs():
+            self.memory.zero(offset, free)
+        if any(size < 1 << order for size, order in order_of.items()):  # blocks with a tail
+            data_ends = list(map(add, starts, lengths))
+            block_ends = list(map(add, starts, map(lshift, repeat(1), orders)))
+            for start, end in compress(zip(data_ends, block_ends), map(lt, data_ends, block_ends)):
+                self.memory.zero(start, end - start)
+
+    def _freeze(self, collected: bool = False) -> None:
+        if not collected:
+            gc.collect(1)  # young garbage first, so no garbage cycle is frozen with the rest
         gc.freeze()
         self._gc_floor = self.allocator.split_blocks

@@ -486,8 +486,10 @@ def test_silent_connections_filling_every_slot_do_not_keep_health_from_answering
 
 def test_the_command_line_serves_metrics_and_refuses_a_bad_address() -> None:
     with running("1M", "--bind", "127.0.0.1", "--metrics", "127.0.0.1:0") as server:
-        match = re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", server.output())
-        assert match, server.output()
+        said = re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/metrics")
+        assert wait_for(lambda: said.search(server.output())), server.output()
+        match = said.search(server.output())
+        assert match
         address = ("127.0.0.1", int(match.group(1)))
         with client(server) as c:
             c.lease(100, 60000)

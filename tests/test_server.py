@@ -521,3 +521,25 @@ def test_a_request_sent_with_the_connection_is_answered_in_the_turn_that_accepts
 def test_a_server_with_an_idle_timeout_of_a_year_serves():
     with server_thread(idle_timeout=365 * 86400.0) as server, client_for(server) as client:
         assert client.lease(32).version == 4
+
+
+def test_a_closed_connection_is_freed_at_once_without_the_garbage_collector():
+    """A server of one-request connections must not leave each one to the collector (its
+    cycles would cost a collection's walk per few hundred connections)."""
+
+    def open_channels() -> int:
+        return sum(1 for o in gc.get_objects() if type(o).__name__ == "Channel")
+
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with server_thread() as server:
+            for _ in range(50):
+                with connect(server) as sock:
+                    assert exchange(sock, protocol.Stats().encode())
+            assert wait_for(lambda: not server.channels)
+            assert wait_for(lambda: open_channels() == 0)
+    finally:
+        if enabled:
+            gc.enable()

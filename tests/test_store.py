@@ -11,7 +11,7 @@ import zlib
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -991,3 +991,183 @@ def test_a_restart_keeps_short_ids_and_goes_on_issuing_new_ones(state):
         assert not set(after) & set(before + [short]) and 0 not in after
     finally:
         again.close()
+
+
+# A warm restart in bulk: the allocator built from its blocks in one pass, the table
+# read in columns.
+
+
+def _shape(allocator: BuddyAllocator) -> object:
+    """The tree as nested tuples of leaf kinds, its links checked on the way."""
+
+    def walk(node: Block, parent: object) -> object:
+        assert node.parent is parent
+        if isinstance(node, SplitBlock):
+            return (walk(node.left, node), walk(node.right, node))
+        return type(node).__name__
+
+    return [walk(slot.child, slot) for slot in allocator._slots]
+
+
+def _state_of(allocator: BuddyAllocator) -> object:
+    return (
+        _shape(allocator),
+        [sorted(free) for free in allocator._free],
+        allocator.split_blocks,
+        allocator.free_bytes,
+        allocator.largest_free,
+    )
+
+
+@st.composite
+def _allocated_blocks(draw) -> Tuple[int, List[Tuple[int, int]]]:
+    """A pool and the blocks that a run of allocations and frees left allocated in it."""
+    pool = draw(st.sampled_from([32, 4096, 3000, 5000 + 64, 1 << 14, 12345]))
+    allocator = BuddyAllocator(pool)
+    live: List[Block] = []
+    steps = draw(st.lists(st.tuples(st.integers(1, 5000), st.booleans()), max_size=80))
+    for size, free in steps:
+        if free and live:
+            allocator.free(live.pop(size % len(live)))
+        else:
+            block = allocator.alloc(size)
+            if block is not None:
+                live.append(block)
+    return pool, sorted(block.place() for block in live)
+
+
+@PROPERTY
+@given(_allocated_blocks())
+def test_an_allocator_built_from_its_blocks_is_the_one_their_claims_build(case):
+    pool, blocks = case
+    claimed = BuddyAllocator(pool)
+    for offset, order in blocks:
+        assert claimed.claim(offset, order)
+    built = BuddyAllocator(pool)
+    built.take_blocks([offset for offset, _ in blocks], [order for _, order in blocks])
+    assert _state_of(built) == _state_of(claimed)
+    for offset, order in blocks:  # and it goes on as that one would
+        built.release(offset, order)
+    assert _state_of(built) == _state_of(BuddyAllocator(pool))
+
+
+@pytest.mark.parametrize(
+    "offsets, orders, reason",
+    [
+        ([0, 32], [6, 5], "overlap"),
+        ([32, 0], [5, 5], "order"),
+        ([0, 32], [5, 5], None),  # two halves of one 64-byte block: fine
+        ([0, 0], [5, 5], "overlap"),
+        ([48], [5], "misaligned"),
+        ([0], [4], "smaller"),
+        ([0, 96], [7, 5], "overlap"),  # a block at the offset a split node takes
+        ([2048], [10], "outside"),  # 3000 bytes: no 1 KiB root at 2048
+        ([4096], [5], "outside"),
+        ([0], [12], "larger"),
+        ([-32], [5], "misaligned"),
+    ],
+)
+def test_blocks_that_no_allocator_can_hold_are_refused(offsets, orders, reason):
+    allocator = BuddyAllocator(3000)
+    if reason is None:
+        allocator.take_blocks(offsets, orders)
+        assert allocator.free_bytes == 2976 - 64
+        return
+    with pytest.raises(ValueError, match=reason):
+        allocator.take_blocks(offsets, orders)
+
+
+def test_blocks_are_taken_in_bulk_only_by_an_allocator_with_none_taken():
+    allocator = BuddyAllocator(4096)
+    allocator.take(5)
+    with pytest.raises(ValueError, match="allocated already"):
+        allocator.take_blocks([64], [5])
+
+
+def test_a_warm_restart_brings_back_every_lease_as_it_was(state):
+    """Many leases of mixed sizes, tenants and kinds of id, some ended by the restart:
+    the restored store is the saved one, lease for lease and byte for byte."""
+    clock, wall = FakeClock(), FakeClock(1.7e9)
+    store = _store(state, clock, wall, pool=1 << 19)
+    leases = {}
+    for n in range(600):
+        size = (7, 32, 100, 1000, 333)[n % 5] if n else 70_000  # one past 16-bit sizes
+        tenant = (0, 3, 300)[n % 3]
+        lease_id = store.lease(size, 1000 + 37 * n, tenant, short_id=n % 4 == 0)
+        assert isinstance(lease_id, bytes)
+        data = bytes([n % 251 + 1]) * min(size, 5)
+        assert store.write(lease_id, size - len(data), data, tenant) == protocol.OK
+        leases[lease_id] = (tenant, size, 1000 + 37 * n, store.short_id(lease_id), data)
+    for lease_id in list(leases)[1::7]:
+        assert store.release(lease_id, leases.pop(lease_id)[0]) == protocol.OK
+    before = {tenant: store.tenant_usage(tenant) for tenant in (0, 3, 300)}
+    store.save()
+    store.close()
+    wall.now += 5.0  # leases of 5 s or less end while it is stopped
+    later = FakeClock(2000.0)
+    again = _store(state, later, wall, pool=1 << 19)
+    try:
+        kept = {i: lease for i, lease in leases.items() if lease[2] > 5000}
+        ended = len(leases) - len(kept)
+        assert again.restore_note.startswith("restored %d leases" % len(kept))
+        assert "(%d more had expired" % ended in again.restore_note
+        for lease_id, (tenant, size, _, short, data) in leases.items():
+            status, view = again.read(lease_id, size - len(data), len(data), tenant)
+            if lease_id in kept:
+                assert (status, bytes(view), again.short_id(lease_id)) == (0, data, short)
+                if short:
+                    assert again.read(protocol.short_form(short), 0, 1, tenant)[0] == 0
+            else:
+                assert status == protocol.NOT_FOUND
+        for tenant in (0, 3, 300):
+            theirs = [size for owner, size, *_ in kept.values() if owner == tenant]
+            blocks = sum(1 << again.allocator.order_for(size) for size in theirs)
+            assert again.tenant_usage(tenant) == (blocks, len(theirs))
+            assert before[tenant][1] >= len(theirs)
+        replayed = BuddyAllocator(1 << 19)
+        for lease_id, (_, size, *_) in kept.items():
+            offset = again._offsets[again._position(lease_id)]
+            assert replayed.claim(offset, replayed.order_for(size))
+        assert _state_of(again.allocator) == _state_of(replayed)
+        pool = bytes(again.memory.buffer)
+        shown = sum(len(data) for *_, data in kept.values())
+        assert len(pool) - pool.count(0) <= shown  # nothing but the leases' bytes is left
+        # The leases end in the order of their deadlines, each when its time comes.
+        for duration in sorted(duration for _, _, duration, _, _ in kept.values()):
+            later.now = 2000.0 + (duration - 5000) / 1000.0 - 0.0005
+            assert again.expire_due(len(kept)) == 0
+            later.now += 0.0005
+            assert again.expire_due(len(kept)) == 1
+        assert again.stats()["live_leases"] == 0
+        fresh = again.lease(32, 1000, short_id=True)
+        assert isinstance(fresh, bytes) and fresh not in leases
+        assert again.short_id(fresh) not in {short for _, _, _, short, _ in leases.values()}
+    finally:
+        again.close()
+
+
+def test_a_table_with_a_lease_twice_starts_clean(state):
+    _saved(state)
+    lease = (*UUID_A, 0, 0, 100, 0, 1_700_000_100_000)
+    twice = _table(leases=[lease, lease[:5] + (128,) + lease[6:]])
+    _replace(twice)(state + ".leases")
+    store = _store(state, FakeClock(), FakeClock(1.7e9))
+    try:
+        assert "twice" in store.restore_note and store.stats()["live_leases"] == 0
+    finally:
+        store.close()
+
+
+def test_a_table_out_of_deadline_order_comes_back_in_it(state):
+    _saved(state)
+    later = (*UUID_A, 0, 0, 100, 0, 1_700_000_100_000)
+    sooner = (*UUID_B, 0, 0, 32, 128, 1_700_000_050_000)
+    _replace(_table(leases=[later, sooner]))(state + ".leases")  # not a heap: sooner is 2nd
+    store = _store(state, FakeClock(), FakeClock(1.7e9))
+    try:
+        assert store.restore_note.startswith("restored 2 leases")
+        assert store.next_deadline() == pytest.approx(1000.0 + 50_000 / 1000)
+        sooner_id = struct.pack(">QQ", *UUID_B)
+        assert store.read(sooner_id)[0] == protocol.OK
+    finally:
+        store.close()
