@@ -35,7 +35,7 @@ import zlib
 from array import array
 from collections import Counter, deque
 from itertools import chain, compress, islice, repeat
-from operator import add, and_, le, lshift, lt
+from operator import add, and_, le
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -1416,28 +1416,21 @@ class LeaseStore:
         self, sizes: Column, offsets: Column, order_of: Dict[int, int]
     ) -> None:
         """The allocator with exactly the leases' blocks taken, from their places in the
-        order of the pool; and every byte outside the leases' data zeroed (the free
-        blocks, and the blocks' tails past their leases' sizes), so no byte of an ended
-        lease survives."""
+        order of the pool; and the free blocks zeroed, so no byte of a lease that ended
+        while the server was stopped survives.  A lease's own block needs nothing: it was
+        zeroed whole when it was granted, and no write passes the lease's size."""
         starts = sorted(offsets)
         if len(order_of) == 1:  # leases of one size, the usual case: no lookup per lease
-            ((size, order),) = order_of.items()
-            lengths = [size] * len(starts)
-            orders = [order] * len(starts)
+            orders = [next(iter(order_of.values()))] * len(starts)
         else:
-            lengths = list(map(dict(zip(offsets, sizes)).__getitem__, starts))
-            orders = list(map(order_of.__getitem__, lengths))
+            order_at = dict(zip(offsets, map(order_of.__getitem__, sizes)))
+            orders = list(map(order_at.__getitem__, starts))
         try:
             self.allocator.take_blocks(starts, orders)
         except ValueError:
             raise _CleanStart("saved leases overlap, or lie outside the pool") from None
         for offset, free in self.allocator.free_runs():
             self.memory.zero(offset, free)
-        if any(size < 1 << order for size, order in order_of.items()):  # blocks with a tail
-            data_ends = list(map(add, starts, lengths))
-            block_ends = list(map(add, starts, map(lshift, repeat(1), orders)))
-            for start, end in compress(zip(data_ends, block_ends), map(lt, data_ends, block_ends)):
-                self.memory.zero(start, end - start)
 
     def _freeze(self, collected: bool = False) -> None:
         if not collected:
