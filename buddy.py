@@ -12,6 +12,9 @@ holds its root.  A leaf's state is its class: a free leaf and a leased one share
 layout, so granting a block switches its class instead of making an object.  Nodes the
 tree drops have their upward links cut, so reference counting frees them at once and
 the tree never leaves cycles for the garbage collector.
+
+A saved pool's blocks come back all at once (``take_blocks``): the tree is built from
+them a level at a time, in bulk, instead of by a claim per block.
 """
 
 import gc
@@ -217,8 +220,10 @@ class BuddyAllocator:
             if places[-1] >= covered:
                 raise ValueError("a block lies outside the pool's roots of its size")
             for slot in self._slots:
+                if slot.order != level:
+                    continue
                 at = bisect_left(places, slot.offset)
-                if slot.order == level and at < len(places) and places[at] == slot.offset:
+                if at < len(places) and places[at] == slot.offset:  # the root holds a node
                     self._unlist(level, slot.offset)
                     node = nodes.pop(at)
                     del places[at]
