@@ -182,6 +182,19 @@ def test_tls_against_a_plain_port_is_told_to_go_without() -> None:
 # What the server's log says about how it runs, and docs that say what it does.
 
 
+def log_of_a_run(*argv: str) -> str:
+    """The whole log of a server started with ``argv`` and stopped at once by SIGTERM,
+    which it must take as a graceful stop (exit 0)."""
+    server = ServerProcess(*argv)
+    try:
+        server.wait_listening()
+        server.proc.terminate()
+        assert server.proc.wait(10) == 0
+        return server.output()
+    finally:
+        server.stop()
+
+
 def test_the_log_says_tls_the_token_file_a_first_start_and_the_save(tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
     cert = tmp_path / "server.pem"
@@ -189,17 +202,10 @@ def test_the_log_says_tls_the_token_file_a_first_start_and_the_save(tmp_path: Pa
     tokens = tmp_path / "token"
     tokens.write_text("correct horse battery staple\n")
     with directory_for_nobody("memlease-state-") as state:
-        server = ServerProcess(
+        log = log_of_a_run(
             "0", "1M", "--bind", "127.0.0.1", "--tls-cert", str(cert), "--token-file",
             str(tokens), "--state-file", str(state / "pool"),
         )  # fmt: skip
-        try:
-            server.wait_listening()
-            server.proc.terminate()
-            assert server.proc.wait(10) == 0
-            log = server.output()
-        finally:
-            server.stop()
     assert "INFO first start with %s: an empty pool" % (state / "pool") in log
     assert "WARNING" not in log
     assert "INFO TLS is on\n" in log
@@ -208,14 +214,7 @@ def test_the_log_says_tls_the_token_file_a_first_start_and_the_save(tmp_path: Pa
 
 
 def test_a_server_stop_says_whether_the_leases_were_saved() -> None:
-    server = ServerProcess("0", "1M", "--bind", "127.0.0.1")
-    try:
-        server.wait_listening()
-        server.proc.terminate()
-        assert server.proc.wait(10) == 0
-        log = server.output()
-    finally:
-        server.stop()
+    log = log_of_a_run("0", "1M", "--bind", "127.0.0.1")
     assert "not saved: without --state-file the leases end with the server" in log
 
 
