@@ -13,6 +13,8 @@ the protocol logic is here, so it can be driven and tested without a socket:
 - A write to a lease whose bytes another connection is still sending from the pool waits,
   in order, until they have gone (``wake`` tells the loop when it can go on), so every
   reply shows the lease at one moment.
+- A stats request in a storm of expiries waits, in order, for a census that counts the
+  ended leases over a few turns (``Service.count_more``), so no turn stalls for long.
 """
 
 import collections
@@ -23,7 +25,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import protocol
 from memlease import security
-from memlease.store import LeaseStore, Pin
+from memlease.census import Census
+from memlease.store import EXPIRY_SLICE, LeaseStore, Pin
 from memlease.units import format_size
 
 log = logging.getLogger("memlease")
@@ -33,7 +36,9 @@ HIGH_WATER = 256 * 1024  # unsent bytes past which requests wait in the decoder
 # pipelines thousands of requests in one read must not hold up everyone else.
 TURN_BUDGET = 128
 MAX_MAP_CELLS = 4096  # a map's cost grows with its cells: more are not drawn
+CENSUS_STEP = 16_384  # table positions a census looks at per turn (about 2 ms)
 Buffer = Union[bytes, bytearray, memoryview]
+StatsAnswer = Callable[[Dict[str, int]], None]
 
 
 class Service:
@@ -87,10 +92,55 @@ class Service:
         # lease id -> connections whose write waits until that lease's stream has gone
         self.waiting: Dict[bytes, List[Connection]] = {}
         self._started = time.monotonic()
+        self._census: Optional[Census] = None  # under way, over more than one turn
+        self._counted_for: List[Tuple[Optional[int], StatsAnswer]] = []  # its askers
+        self._to_count: List[Tuple[Optional[int], StatsAnswer]] = []  # asked since it began
+        self.census_begun: Callable[[], None] = _nothing  # the loop's: call count_more soon
 
     def stats(self, tenant: Optional[int]) -> Dict[str, int]:
-        """The counters a Stats request gets: the store's (the tenant's own use) and ours."""
-        stats = self.store.stats(tenant)
+        """The counters a Stats request gets: the store's (the tenant's own use) and ours,
+        counted now in one go (see ``figures`` for the way that never stalls a turn)."""
+        return self._with_ours(self.store.stats(tenant), tenant)
+
+    def figures(self, tenant: Optional[int], answer: StatsAnswer) -> None:
+        """Call ``answer`` with ``stats(tenant)`` of a moment after this call: at once,
+        or, when more ended leases wait for the reaper than a turn may count (a storm of
+        expiries), once a census has counted them over the next turns (``count_more``)."""
+        self._to_count.append((tenant, answer))
+        if self._census is None:
+            self._begin_census()
+
+    def count_more(self) -> bool:
+        """Count a step of the census under way, answering its askers once it is done;
+        True while a census is still under way (then call again on the next turn)."""
+        census = self._census
+        if census is None:
+            return False
+        if census.step(CENSUS_STEP):
+            self._census = None
+            self._answer_census(census, self._counted_for)
+            if self._to_count and self._census is None:
+                self._begin_census()
+        return self._census is not None
+
+    def _begin_census(self) -> None:
+        """A census of this moment for everyone who has asked since the last one began."""
+        census = self.store.census()
+        askers, self._to_count = self._to_count, []
+        if census.step(CENSUS_STEP):
+            self._answer_census(census, askers)
+            return
+        self._census, self._counted_for = census, askers
+        self.census_begun()
+
+    def _answer_census(
+        self, census: Census, askers: List[Tuple[Optional[int], StatsAnswer]]
+    ) -> None:
+        for tenant, answer in askers:
+            answer(self._with_ours(census.stats(tenant), tenant))
+
+    def _with_ours(self, stats: Dict[str, int], tenant: Optional[int]) -> Dict[str, int]:
+        """The store's figures, with the service's own beside them."""
         stats["tenant_quota"] = 0 if tenant is None else self.quota(tenant)
         stats["connections"] = self.connections()
         stats.update(self.counters)
@@ -237,6 +287,9 @@ class Connection:
         self._yielded = False  # requests wait in the decoder for the next turn
         self._waiting_on: Optional[bytes] = None  # a write waits for this lease's stream
         self._held: Any = None  # the small write that waits (a large one is self._upload)
+        self._counting = False  # a stats request waits for its census (Service.figures)
+        self._count_waited = False  # ... and it could not be answered in its own turn
+        self._closed = False
         self.wake: Callable[[], None] = _nothing  # the loop's: come back to this connection
 
     # Input.
@@ -247,6 +300,7 @@ class Connection:
         return (
             not (self.closing or self.input_done or self._yielded or self._paused)
             and self._waiting_on is None
+            and not self._counting
             and self.output_size < HIGH_WATER
         )
 
@@ -325,7 +379,7 @@ class Connection:
     def close(self) -> None:
         """Let go of everything held for this connection: pinned blocks, a partial write,
         and the loop's callback (so the channel goes as soon as it is dropped)."""
-        self.closing = True
+        self.closing = self._closed = True
         self.wake = _nothing
         if self._waiting_on is not None:
             self.service.stop_waiting(self._waiting_on, self)
@@ -370,11 +424,13 @@ class Connection:
             if self.output_size >= HIGH_WATER or self._views_queued:
                 self._paused = True  # sent() resumes once the output drains
                 return
-            if self.answered >= budget_end:
+            if self.answered >= budget_end or self._yielded:
                 self._yielded = True  # the loop calls resume() on its next turn
                 return
             if self._waiting_on is not None:
                 return  # stream_done() goes on
+            if self._counting:
+                return  # _stats_counted() goes on
             held = self._held
             if held is not None:
                 self._held = None
@@ -687,12 +743,28 @@ class Connection:
                 self._close_guessing()
 
     def _stats(self, message: protocol.Stats) -> None:
-        reply = protocol.StatsReply(self.service.stats(self.tenant))
-        self._finish(protocol.STATS, message, reply, protocol.OK)
+        self._counting = True
+        self.service.figures(self.tenant, lambda stats: self._stats_counted(message, stats))
+        self._count_waited = self._counting  # not answered yet: answered on a later turn
+
+    def _stats_counted(self, message: protocol.Stats, stats: Dict[str, int]) -> None:
+        """The census has counted: answer, and go on if the requests behind waited."""
+        if self._closed:  # nobody to answer
+            return
+        waited, self._counting, self._count_waited = self._count_waited, False, False
+        self._finish(protocol.STATS, message, protocol.StatsReply(stats), protocol.OK)
+        if waited:
+            self._process()
+            self.wake()
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
+        # The map shows free blocks: ended leases' must be among them.  They are reclaimed
+        # a reaper's slice a turn, the request waiting in order until none is left.
+        if not self.store.reclaim_due(EXPIRY_SLICE):
+            self._held = message
+            self._yielded = True  # the loop calls resume() on its next turn
+            return
         cells = min(max(message.cells, 1), MAX_MAP_CELLS)
-        self.store.reclaim_all()  # the map shows free blocks: ended leases' must be among them
         stats = self.store.stats()
         reply = protocol.PoolMapReply(
             stats["pool_bytes"],

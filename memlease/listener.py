@@ -20,14 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, ca
 import protocol
 from memlease.connection import Connection, Service
 from memlease.loop import EventLoop, Timer
-from memlease.store import LeaseStore
+from memlease.store import EXPIRY_SLICE, LeaseStore
 from memlease.unixsocket import DEFAULT_MODE, UnixListener
 
 log = logging.getLogger("memlease")
 
 RECV_SIZE = 256 * 1024
 ACCEPT_BATCH = 64  # connections accepted per readable event of a listener
-EXPIRY_SLICE = 256  # leases expired per turn of the loop at most (about 4 ms of work)
 LINGER_SECONDS = 1.0  # how long a closing connection waits for the peer's FIN
 SHUTDOWN_SECONDS = 1.5  # how long a stopping server waits for replies to drain
 STOP_READ_BYTES = 1 << 20  # what a stop still reads of a connection, to answer it
@@ -500,6 +499,7 @@ class MemLeaseServer:
         )
         self.channels: Set[Channel] = set()
         self.service.connections = self.channels.__len__
+        self.service.census_begun = functools.partial(self.loop.call_soon, self._count)
         self._stopping = threading.Event()
         self._stopped = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -657,6 +657,16 @@ class MemLeaseServer:
         except Exception:  # keep serving; every access still checks its lease's deadline
             log.error("expiry failed; trying again in a second", exc_info=True)
             return 1.0
+
+    def _count(self) -> None:
+        """A step of the census that stats requests wait for; again next turn until done."""
+        try:
+            more = self.service.count_more()
+        except Exception:  # keep serving; the requests that waited are not answered
+            log.error("counting the leases for stats failed", exc_info=True)
+            return
+        if more:
+            self.loop.call_soon(self._count)
 
     def _expire_slice(self) -> Optional[float]:
         store = self.store

@@ -22,6 +22,8 @@ MAX_REQUEST = 8 * 1024  # a request head longer than this is answered 431 and cl
 REQUEST_SECONDS = 5.0  # a scrape must be asked and answered within this
 MAX_CLIENTS = 64  # scrapes at once; past this the oldest idle one makes room (see _accept)
 ACCEPT_BATCH = 16
+# Gives the exposition text to the callback it is handed: at once, or a few turns later.
+MetricsSource = Callable[[Callable[[str], None]], None]
 
 # A status as a label value; a refused lease (Leased, or Grant's DataSet, -1) has its own word.
 STATUS_LABELS = {
@@ -123,26 +125,34 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def render_service(service: Service) -> str:
-    """The exposition text of a running server, read from its Service now."""
-    stats = service.stats(None)
-    return render(stats, service.request_counts(), service.store.free_blocks(), service.expiry_lag)
+def render_service(service: Service, answer: Callable[[str], None]) -> None:
+    """Give ``answer`` the exposition text of a running server, once its Service has
+    counted the figures of this moment (Service.figures: later, in a storm of expiries)."""
+
+    def counted(stats: Dict[str, int]) -> None:
+        free_blocks = service.store.free_blocks()
+        answer(render(stats, service.request_counts(), free_blocks, service.expiry_lag))
+
+    service.figures(None, counted)
 
 
-def respond(head: bytes, metrics: Callable[[], str]) -> bytes:
-    """The whole HTTP response to a request whose head (up to the blank line) is ``head``."""
+def respond(head: bytes, metrics: MetricsSource, send: Callable[[bytes], None]) -> None:
+    """Give ``send`` the whole HTTP response to a request whose head (up to the blank
+    line) is ``head``: at once, or for /metrics once ``metrics`` has the text."""
     request_line = head.split(b"\n", 1)[0].strip()
     parts = request_line.split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return _response(400, "Bad Request", "bad request\n")
+        send(_response(400, "Bad Request", "bad request\n"))
+        return
     method, target = parts[0], parts[1].split(b"?", 1)[0]
     if target not in (b"/metrics", b"/health"):
-        return _response(404, "Not Found", "not found: try /metrics or /health\n")
-    if method != b"GET":
-        return _response(405, "Method Not Allowed", "only GET\n", [("Allow", "GET")])
-    if target == b"/health":
-        return _response(200, "OK", "ok\n")
-    return _response(200, "OK", metrics(), content_type=CONTENT_TYPE)
+        send(_response(404, "Not Found", "not found: try /metrics or /health\n"))
+    elif method != b"GET":
+        send(_response(405, "Method Not Allowed", "only GET\n", [("Allow", "GET")]))
+    elif target == b"/health":
+        send(_response(200, "OK", "ok\n"))
+    else:
+        metrics(lambda text: send(_response(200, "OK", text, content_type=CONTENT_TYPE)))
 
 
 def _response(
@@ -192,11 +202,14 @@ class _Scrape:
             return
         self.head += data
         if b"\r\n\r\n" in self.head or b"\n\n" in self.head:
-            self._answer(respond(bytes(self.head), self.server.metrics))
+            self.server.loop.remove_reader(self.fd)  # the request is whole
+            respond(bytes(self.head), self.server.metrics, self._answer)
         elif len(self.head) > MAX_REQUEST:
             self._answer(_response(431, "Request Header Fields Too Large", "too large\n"))
 
     def _answer(self, response: bytes) -> None:
+        if self.fd < 0:  # closed while the figures were counted
+            return
         loop = self.server.loop
         loop.remove_reader(self.fd)
         self.out = memoryview(response)
@@ -256,7 +269,7 @@ class MetricsServer:
         self,
         loop: EventLoop,
         address: Tuple[str, int],
-        metrics: Callable[[], str],
+        metrics: MetricsSource,
         request_seconds: float = REQUEST_SECONDS,
     ) -> None:
         self.loop = loop

@@ -53,6 +53,7 @@ from typing import (
 import protocol
 from buddy import BuddyAllocator
 from memlease import ids
+from memlease.census import Census, EndedWalk, living_usage
 
 COUNTERS = (
     "leases_granted",
@@ -91,6 +92,7 @@ _SHORT_HIGHEST = 0xFFFFFFFF  # a 16-byte id whose halves are 0 and at most this 
 # leases freezes nothing more.  The tree's dropped nodes form no cycles, so freezing them
 # never keeps garbage; a cycle elsewhere that is frozen stays until the process ends.
 FREEZE_STEP = 25_000
+EXPIRY_SLICE = 128  # ended leases expired per turn of the loop at most (about 3 ms of work)
 _NARROW_DEADLINE_MAX = 2**32 - 1  # the most milliseconds the first deadline column holds
 # A nanosecond of slack absorbs float rounding, so a reading at a deadline counts as it.
 _SLACK_MS = 1e-6
@@ -799,15 +801,16 @@ class LeaseStore:
         self.counters["leases_expired"] += done
         return done
 
-    def reclaim_all(self) -> int:
-        """Expire every lease whose deadline has passed, now; returns how many.
+    def reclaim_due(self, limit: int) -> bool:
+        """Expire up to ``limit`` leases whose deadline has passed, as a request that must
+        show the free blocks as they are does (the pool map); True once none is left.
 
-        For a request that must show the free blocks as they are (the pool map): its cost
-        is the reaper's own work for those leases, done at once.
+        Its cost is the reaper's own work for those leases, done sooner; a caller with
+        more to do comes back on a later turn, so a storm never stalls a turn for long.
         """
-        done = self.expire_due(len(self._lows))
-        self.counters["leases_reclaimed"] += done
-        return done
+        self.counters["leases_reclaimed"] += self.expire_due(limit)
+        deadlines = self._deadlines
+        return not deadlines or deadlines[0] > self._now()
 
     def _reclaim_for(self, order: int) -> int:
         """Expire due leases from the heap's top until a block of ``order`` is free: its
@@ -833,70 +836,43 @@ class LeaseStore:
 
     def stats(self, tenant: Optional[int] = None) -> Dict[str, int]:
         """The pool's figures and the counters, counting only living leases."""
-        ended = self._ended()
-        ended_bytes = sum(self._block(size) * n for (_, size), n in ended.items())
+        moment = self.census()
+        moment.step()
+        return moment.stats(tenant)
+
+    def census(self) -> Census:
+        """The figures of this moment, the ended leases among them still to be walked
+        (Census.step): what a stats request in a storm of expiries counts in slices."""
+        largest = self.allocator.largest_free
         # The free lists take an ended lease's block back when it is reclaimed: until
         # then the largest block and fragmentation describe the lists as they are.
-        largest = self.allocator.largest_free
-        stats = {
+        figures = {
             "pool_bytes": self.capacity,
-            "free_bytes": self.allocator.free_bytes + ended_bytes,
+            "free_bytes": self.allocator.free_bytes,
             "largest_free_block": largest,
-            "live_leases": len(self._lows) - sum(ended.values()),
+            "live_leases": len(self._lows),
             "metadata_bytes": self.metadata_bytes(),
             "fragmentation": protocol.fragmentation(self.allocator.free_bytes, largest),
         }
-        stats.update(self.counters)
-        if tenant is not None:
-            stats["tenant_bytes"], stats["tenant_leases"] = self._usage(tenant, ended)
-        return stats
+        figures.update(self.counters)
+        return Census(figures, self._tenant_bytes, self._tenant_leases, self._walk(), self._block)
 
     def tenant_usage(self, tenant: int) -> Tuple[int, int]:
         """The block bytes and the number of living leases ``tenant`` holds."""
-        return self._usage(tenant, self._ended())
-
-    def _usage(self, tenant: int, ended: "Counter[Tuple[int, int]]") -> Tuple[int, int]:
-        blocks = self._tenant_bytes.get(tenant, 0)
-        leases = self._tenant_leases.get(tenant, 0)
-        for (owner, size), n in ended.items():
-            if owner == tenant:
-                blocks -= self._block(size) * n
-                leases -= n
-        return blocks, leases
+        walk = self._walk()
+        walk.step()
+        return living_usage(
+            tenant, self._tenant_bytes, self._tenant_leases, walk.ended(), self._block
+        )
 
     def _block(self, size: int) -> int:
         return 1 << self.allocator.order_for(size)
 
-    def _ended(self) -> "Counter[Tuple[int, int]]":
-        """(tenant, size) -> leases past their deadline that are still in the table.
-
-        They are the heap's top (a due lease's parent is due), so the scan goes down level
-        by level, only under the due leases of the level above, filtering each level in C:
-        about 100 ns a due lease, and nothing when none is due.
-        """
-        ended: Counter[Any] = Counter()
-        deadlines = self._deadlines
-        now = self._now()
-        if not deadlines or deadlines[0] > now:
-            return ended
-        due = now.__ge__
-        one_tenant = len(self._tenant_leases) == 1  # then sizes alone say it, at half the cost
-        start, end, count = 0, 1, len(deadlines)
-        while start < count:
-            mask = list(map(due, deadlines[start:end]))
-            if True not in mask:
-                break
-            keys: Iterable[Any] = self._sizes[start:end]
-            if not one_tenant:
-                keys = zip(self._tenants[start:end], keys)
-            ended.update(compress(keys, mask))
-            first = start + mask.index(True)
-            last = end - 1 - mask[::-1].index(True)
-            start, end = 2 * first + 1, 2 * last + 3
-        if one_tenant:
-            (tenant,) = self._tenant_leases
-            return Counter({(tenant, size): n for size, n in ended.items()})
-        return ended
+    def _walk(self) -> EndedWalk:
+        """A walk of the leases that have ended by now but are still in the table."""
+        tenants = self._tenant_leases
+        only = next(iter(tenants)) if len(tenants) == 1 else None
+        return EndedWalk(self._deadlines, self._sizes, self._tenants, self._now(), only)
 
     def free_blocks(self) -> Dict[int, int]:
         """Block size -> number of free blocks of that size."""

@@ -390,9 +390,14 @@ def test_the_exposition_is_read_by_prometheus_with_every_figure() -> None:
 
 
 @contextlib.contextmanager
-def with_metrics(request_seconds: float = 5.0) -> Iterator[Tuple[MemLeaseServer, MetricsServer]]:
-    """A lease server on a thread, with a metrics endpoint on the same loop."""
-    server = MemLeaseServer(("127.0.0.1", 0), LeaseStore(1 << 20))
+def with_metrics(
+    request_seconds: float = 5.0, pool: int = 1 << 20, reaper: bool = True
+) -> Iterator[Tuple[MemLeaseServer, MetricsServer]]:
+    """A lease server on a thread, with a metrics endpoint on the same loop; without the
+    ``reaper``, ended leases stay in the table (as when it is far behind)."""
+    server = MemLeaseServer(("127.0.0.1", 0), LeaseStore(pool))
+    if not reaper:
+        server.loop.before_wait = None  # what schedules the reaper's turns
     endpoint = MetricsServer(
         server.loop, ("127.0.0.1", 0), partial(render_service, server.service), request_seconds
     )
