@@ -92,7 +92,7 @@ _SHORT_HIGHEST = 0xFFFFFFFF  # a 16-byte id whose halves are 0 and at most this 
 # leases freezes nothing more.  The tree's dropped nodes form no cycles, so freezing them
 # never keeps garbage; a cycle elsewhere that is frozen stays until the process ends.
 FREEZE_STEP = 25_000
-EXPIRY_SLICE = 128  # ended leases expired per turn of the loop at most (about 3 ms of work)
+EXPIRY_SLICE = 64  # ended leases expired per turn of the loop at most (about 1.5 ms of work)
 _NARROW_DEADLINE_MAX = 2**32 - 1  # the most milliseconds the first deadline column holds
 # A nanosecond of slack absorbs float rounding, so a reading at a deadline counts as it.
 _SLACK_MS = 1e-6
