@@ -11,7 +11,18 @@ See docs/protocol.md for every message and status code.
 
 import struct
 import uuid
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
 
 HEADER = struct.Struct("<iq")
 HEADER_SIZE = HEADER.size
@@ -829,7 +840,13 @@ class Decoder:
         small: Optional[Dict[int, SmallShape]] = None,
     ) -> None:
         self._parsers = parsers
-        self._small = small or {}
+        # The small shapes by a frame's first byte (None: it starts no small request),
+        # with the bytes a whole header and fixed fields take, and the type they belong to.
+        self._small_by_byte: List[Optional[Tuple[Any, ...]]] = [None] * 256
+        for msg_type, (unpack, fixed, carries_data) in (small or {}).items():
+            self._small_by_byte[msg_type] = (
+                unpack, HEADER_SIZE + fixed, fixed, carries_data, msg_type
+            )
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min
@@ -921,43 +938,47 @@ class Decoder:
             raise BadMessage(UNKNOWN_TYPE, msg_type, "unknown message type %d" % msg_type)
         return parser(buf, start + HEADER_SIZE, length)
 
-    def small_requests(self) -> Iterator[SmallRequest]:
+    def small_requests(self) -> Generator[SmallRequest, None, None]:
         """The whole frames buffered, in order, while each is a small request of a fixed
         layout that fits it (the ``small`` shapes, by message type): see SmallRequest.
 
         One pass, with no message object: the server answers the common requests straight
         from here.  A frame is consumed only when the next one is asked for, or when the
         frames run out; a caller that stops at a frame leaves it to ``next_message``, which
-        decodes or refuses it as ever.  Nothing may be fed meanwhile.  Any frame this does
+        decodes or refuses it as ever.  The pass must be over (run out, or closed) before
+        the decoder is used again: it records what it consumed then.  Any frame this does
         not yield (a large, malformed or unknown one) ends it, so it is seen there too;
         when it ends with every byte consumed, ``buffered`` is 0.
         """
         if self._broken is not None or self.payload_left or self._discard_left:
             return
         buf = self.buffer
-        shapes = self._small
+        shapes = self._small_by_byte
         whole_max = self._whole_max
         start = self._start
         end = len(buf)
-        while start < end:
-            try:  # the type's low byte finds the layout; the whole type is checked below
-                unpack, fixed, carries_data = shapes[buf[start]]
-            except KeyError:  # not a small request
-                return
-            if end - start < HEADER_SIZE + fixed:
-                return
-            frame = unpack(buf, start)
-            length = frame[1]
-            frame_end = start + HEADER_SIZE + length
-            if frame[0] != buf[start] or frame_end > end:
-                return
-            if carries_data:
-                if not fixed <= length <= whole_max or frame[-1] != length - fixed:
+        try:
+            while start < end:
+                shape = shapes[buf[start]]  # the type's low byte; the whole type is checked below
+                if shape is None:
                     return
-            elif length != fixed:
-                return
-            yield frame_end, frame
-            start = self._start = frame_end
+                unpack, whole_fixed, fixed, carries_data, msg_type = shape
+                if end - start < whole_fixed:
+                    return
+                frame = unpack(buf, start)
+                length = frame[1]
+                frame_end = start + HEADER_SIZE + length
+                if frame[0] != msg_type or frame_end > end:
+                    return
+                if carries_data:
+                    if not fixed <= length <= whole_max or frame[-1] != length - fixed:
+                        return
+                elif length != fixed:
+                    return
+                yield frame_end, frame
+                start = frame_end
+        finally:
+            self._start = start  # up to the frame the caller stopped at, if it did
         self._compact()  # every byte is consumed: none need be kept
 
     def _data_frame(self, msg_type: int, length: int, fixed: struct.Struct) -> Optional[DataFrame]:

@@ -486,18 +486,22 @@ class Connection:
         out = self._small
         before = len(out)
         decoder = self._decoder
-        answered = self.store.serve(
-            decoder.small_requests(),
-            decoder.buffer,
-            out,
-            service.served,
-            self.tenant or 0,
-            self._quota,
-            service.short_ids,
-            service.max_data,
-            budget_end - self.answered,
-            HIGH_WATER - self.output_size,
-        )
+        requests = decoder.small_requests()
+        try:
+            answered = self.store.serve(
+                requests,
+                decoder.buffer,
+                out,
+                service.served,
+                self.tenant or 0,
+                self._quota,
+                service.short_ids,
+                service.max_data,
+                budget_end - self.answered,
+                HIGH_WATER - self.output_size,
+            )
+        finally:
+            requests.close()  # the pass is over: the decoder records what it consumed
         self.output_size += len(out) - before
         self.answered += answered
 

@@ -611,6 +611,10 @@ class LeaseStore:
         view = self._view
         pins = self._pins
         out_stop = len(out) + room
+        by_uuid, by_short_id, writes_types = _BY_UUID, _BY_SHORT_ID, _WRITES
+        read, write, replace, access, renew = _READ, _WRITE, _REPLACE, _ACCESS_DATA, _RENEW
+        stream_min, pack_head, data_fields = _STREAM_MIN, _PACK_DATA_HEAD, _DATA_FIELDS
+        ok = _OK_REPLY
         answered = reads = writes = 0
         last = None  # the id of the lease found last; then its place:
         pos = base = size = short = 0
@@ -618,9 +622,9 @@ class LeaseStore:
             if answered >= limit:
                 break
             msg_type = frame[0]
-            if msg_type in _BY_UUID:
+            if msg_type in by_uuid:
                 lease_id = frame[2]
-            elif msg_type in _BY_SHORT_ID:
+            elif msg_type in by_short_id:
                 if not short_ids:
                     break
                 lease_id = protocol.short_form(frame[2])
@@ -639,7 +643,7 @@ class LeaseStore:
                     break
                 last = lease_id
                 base, size, short = self._offsets[pos], self._sizes[pos], self._shorts[pos]
-            if msg_type == _READ:
+            if msg_type == read:
                 offset, length = frame[3], frame[4]
                 if length == -1:
                     length = size - offset
@@ -647,40 +651,40 @@ class LeaseStore:
                     offset < 0
                     or length < 0
                     or offset + length > size
-                    or length >= _STREAM_MIN
+                    or length >= stream_min
                     or len(out) >= out_stop  # small replies only: writes' fit a turn's budget
                 ):
                     break
-                out += _PACK_DATA_HEAD(_ACCESS_DATA, _DATA_FIELDS + length, short, length)
+                out += pack_head(access, data_fields + length, short, length)
                 out += view[base + offset : base + offset + length]
                 reads += 1
-            elif msg_type in _WRITES:
-                offset = frame[3] if msg_type == _WRITE else 0
+            elif msg_type in writes_types:
+                offset = frame[3] if msg_type == write else 0
                 length = frame[-1]
                 if base in pins or length > max_data or offset < 0 or offset + length > size:
                     break
                 start = base + offset
                 view[start : start + length] = data[end - length : end]
-                if msg_type == _REPLACE:
+                if msg_type == replace:
                     self.memory.zero(start + length, size - length)
                 writes += 1
-                out += _OK_REPLY
-            elif msg_type == _ACCESS_DATA:
-                if size >= _STREAM_MIN or len(out) >= out_stop:
+                out += ok
+            elif msg_type == access:
+                if size >= stream_min or len(out) >= out_stop:
                     break
-                out += _PACK_DATA_HEAD(_ACCESS_DATA, _DATA_FIELDS + size, short, size)
+                out += pack_head(access, data_fields + size, short, size)
                 out += view[base : base + size]
                 reads += 1
-            elif msg_type == _RENEW:
+            elif msg_type == renew:
                 if frame[3] <= 0:
                     break
                 self._renew_at(pos, now + frame[3], frame[3])
                 last = None
-                out += _OK_REPLY
+                out += ok
             else:  # Release
                 self._release_at(pos)
                 last = None
-                out += _OK_REPLY
+                out += ok
             counts[msg_type] += 1
             answered += 1
         if reads:
