@@ -116,7 +116,13 @@ class Service:
         census = self._census
         if census is None:
             return False
-        if census.step(CENSUS_STEP):
+        try:
+            done = census.step(CENSUS_STEP)
+        except BaseException:  # not stuck on it: the next asker begins a census, for them too
+            self._census = None
+            self._to_count[:0] = self._counted_for
+            raise
+        if done:
             self._census = None
             self._answer_census(census, self._counted_for)
             if self._to_count and self._census is None:
@@ -136,8 +142,13 @@ class Service:
     def _answer_census(
         self, census: Census, askers: List[Tuple[Optional[int], StatsAnswer]]
     ) -> None:
+        """Give each asker its figures; one whose answer fails costs only itself (its
+        connection then waits for its timeout), never the askers after it."""
         for tenant, answer in askers:
-            answer(self._with_ours(census.stats(tenant), tenant))
+            try:
+                answer(self._with_ours(census.stats(tenant), tenant))
+            except Exception:
+                log.error("answering a stats request failed", exc_info=True)
 
     def _with_ours(self, stats: Dict[str, int], tenant: Optional[int]) -> Dict[str, int]:
         """The store's figures, with the service's own beside them."""
@@ -289,6 +300,7 @@ class Connection:
         self._held: Any = None  # the small write that waits (a large one is self._upload)
         self._counting = False  # a stats request waits for its census (Service.figures)
         self._count_waited = False  # ... and it could not be answered in its own turn
+        self._map_by: Optional[int] = None  # a held pool map reclaims leases ended by then
         self._closed = False
         self.wake: Callable[[], None] = _nothing  # the loop's: come back to this connection
 
@@ -758,23 +770,34 @@ class Connection:
         waited, self._counting, self._count_waited = self._count_waited, False, False
         self._finish(protocol.STATS, message, protocol.StatsReply(stats), protocol.OK)
         if waited:
-            self._process()
+            # The requests behind go on at the loop's next turn (resume), not in here: this
+            # runs inside Service.count_more, where they could ask for figures again and
+            # where a failure would strand every other asker instead of closing this one.
+            self._yielded = True
             self.wake()
 
     def _pool_map(self, message: protocol.PoolMap) -> None:
         # The map shows free blocks: ended leases' must be among them.  They are reclaimed
         # a reaper's slice a turn, the request waiting in order until none is left.
-        if not self.store.reclaim_due(EXPIRY_SLICE):
+        # Only those ended by the moment it was asked: leases that keep ending faster than a
+        # slice a turn must not hold it for as long as they do.
+        if self._map_by is None:
+            self._map_by = self.store.now_ms()
+        if not self.store.reclaim_due(EXPIRY_SLICE, self._map_by):
             self._held = message
             self._yielded = True  # the loop calls resume() on its next turn
             return
+        self._map_by = None
         cells = min(max(message.cells, 1), MAX_MAP_CELLS)
-        stats = self.store.stats()
+        # The free lists as they are, as the cells and free blocks show them (stats would
+        # count the leases that ended since as free too).
+        allocator = self.store.allocator
+        free, largest = allocator.free_bytes, allocator.largest_free
         reply = protocol.PoolMapReply(
-            stats["pool_bytes"],
-            stats["free_bytes"],
-            stats["largest_free_block"],
-            stats["fragmentation"],
+            self.store.capacity,
+            free,
+            largest,
+            protocol.fragmentation(free, largest),
             tuple(self.store.usage_by_cell(cells)),
             tuple(sorted(self.store.free_blocks().items())),
         )

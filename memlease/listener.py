@@ -499,7 +499,8 @@ class MemLeaseServer:
         )
         self.channels: Set[Channel] = set()
         self.service.connections = self.channels.__len__
-        self.service.census_begun = functools.partial(self.loop.call_soon, self._count)
+        self._count_due = False  # a step of the census is on the loop's list already
+        self.service.census_begun = self._count_soon
         self._stopping = threading.Event()
         self._stopped = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -658,15 +659,23 @@ class MemLeaseServer:
             log.error("expiry failed; trying again in a second", exc_info=True)
             return 1.0
 
+    def _count_soon(self) -> None:
+        """Step the census on the next turn: once, however often a census begins meanwhile
+        (count_more may begin the next one, or an answer may ask again)."""
+        if not self._count_due:
+            self._count_due = True
+            self.loop.call_soon(self._count)
+
     def _count(self) -> None:
         """A step of the census that stats requests wait for; again next turn until done."""
+        self._count_due = False
         try:
             more = self.service.count_more()
         except Exception:  # keep serving; the requests that waited are not answered
             log.error("counting the leases for stats failed", exc_info=True)
             return
         if more:
-            self.loop.call_soon(self._count)
+            self._count_soon()
 
     def _expire_slice(self) -> Optional[float]:
         store = self.store

@@ -794,9 +794,10 @@ class LeaseStore:
             return None
         return self._epoch + self._deadlines[0] / 1000.0
 
-    def expire_due(self, limit: int) -> int:
-        """Expire at most ``limit`` leases whose deadline has passed; returns how many."""
-        now = self._now()
+    def expire_due(self, limit: int, by: Optional[int] = None) -> int:
+        """Expire at most ``limit`` leases whose deadline has passed (by ``by``, a store
+        time from ``now_ms``; default now); returns how many."""
+        now = self._now() if by is None else by
         deadlines = self._deadlines
         done = 0
         while done < limit and deadlines and deadlines[0] <= now:
@@ -805,16 +806,22 @@ class LeaseStore:
         self.counters["leases_expired"] += done
         return done
 
-    def reclaim_due(self, limit: int) -> bool:
-        """Expire up to ``limit`` leases whose deadline has passed, as a request that must
-        show the free blocks as they are does (the pool map); True once none is left.
+    def reclaim_due(self, limit: int, by: Optional[int] = None) -> bool:
+        """Expire up to ``limit`` leases whose deadline has passed (by ``by``, as in
+        ``expire_due``), as a request that must show the free blocks as they are does (the
+        pool map); True once none is left.
 
         Its cost is the reaper's own work for those leases, done sooner; a caller with
         more to do comes back on a later turn, so a storm never stalls a turn for long.
         """
-        self.counters["leases_reclaimed"] += self.expire_due(limit)
+        now = self._now() if by is None else by
+        self.counters["leases_reclaimed"] += self.expire_due(limit, now)
         deadlines = self._deadlines
-        return not deadlines or deadlines[0] > self._now()
+        return not deadlines or deadlines[0] > now
+
+    def now_ms(self) -> int:
+        """The store's time now, in the milliseconds its deadlines count."""
+        return self._now()
 
     def _reclaim_for(self, order: int) -> int:
         """Expire due leases from the heap's top until a block of ``order`` is free: its
