@@ -26,6 +26,7 @@ from memlease.unixsocket import DEFAULT_MODE, UnixListener
 log = logging.getLogger("memlease")
 
 RECV_SIZE = 256 * 1024
+UPLOAD_TURN_BYTES = 8 << 20  # of a large write's data, received in one turn at most
 ACCEPT_BATCH = 64  # connections accepted per readable event of a listener
 LINGER_SECONDS = 1.0  # how long a closing connection waits for the peer's FIN
 SHUTDOWN_SECONDS = 1.5  # how long a stopping server waits for replies to drain
@@ -189,9 +190,13 @@ class Channel:
                         log.info("%s disconnected in the middle of a frame", conn.peer)
                     conn.end_of_input()
                     break
-                # TLS may hold decrypted bytes that no readiness event will announce.
-                if received >= at_least and not (
-                    self.tls and _pending(sock) and conn.wants_input
+                # TLS may hold decrypted bytes that no readiness event will announce, and
+                # a large write's data goes on arriving: take what the socket has of it, up
+                # to a turn's share, rather than a loop turn a chunk.
+                if (
+                    received >= at_least
+                    and not (self.tls and _pending(sock) and conn.wants_input)
+                    and not (conn.uploading and received < UPLOAD_TURN_BYTES)
                 ):
                     break
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
