@@ -821,6 +821,22 @@ SMALL_REQUESTS: Dict[int, SmallShape] = {
 SmallRequest = Tuple[int, Tuple[Any, ...]]
 
 
+# A small shape as the one pass reads it: the unpacker, the bytes a whole header and the
+# fixed fields take, the fields' size, whether data follow, and the type it belongs to.
+ByteShapes = Tuple[Optional[Tuple[Any, ...]], ...]
+
+
+def shapes_by_first_byte(small: Dict[int, SmallShape]) -> ByteShapes:
+    """The small shapes by a frame's first byte (None: it starts no small request)."""
+    by_byte: List[Optional[Tuple[Any, ...]]] = [None] * 256
+    for msg_type, (unpack, fixed, carries_data) in small.items():
+        by_byte[msg_type] = (unpack, HEADER_SIZE + fixed, fixed, carries_data, msg_type)
+    return tuple(by_byte)
+
+
+_SMALL_REQUESTS_BY_BYTE = shapes_by_first_byte(SMALL_REQUESTS)  # made once, not per connection
+
+
 class Decoder:
     """Turns a byte stream, split anywhere, into whole messages.
 
@@ -837,16 +853,10 @@ class Decoder:
         max_payload: int,
         streamed: Optional[Dict[int, struct.Struct]] = None,
         stream_min: int = STREAM_MIN,
-        small: Optional[Dict[int, SmallShape]] = None,
+        small: Optional[ByteShapes] = None,
     ) -> None:
         self._parsers = parsers
-        # The small shapes by a frame's first byte (None: it starts no small request),
-        # with the bytes a whole header and fixed fields take, and the type they belong to.
-        self._small_by_byte: List[Optional[Tuple[Any, ...]]] = [None] * 256
-        for msg_type, (unpack, fixed, carries_data) in (small or {}).items():
-            self._small_by_byte[msg_type] = (
-                unpack, HEADER_SIZE + fixed, fixed, carries_data, msg_type
-            )
+        self._small_by_byte = small or (None,) * 256
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min
@@ -1025,7 +1035,9 @@ class Decoder:
 
 def request_decoder(max_payload: int = MAX_BUFFERED_REQUEST) -> Decoder:
     """A decoder for the server's side: large writes come out as DataFrames."""
-    return Decoder(REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS, small=SMALL_REQUESTS)
+    return Decoder(
+        REQUEST_PARSERS, max_payload, _STREAMED_REQUESTS, small=_SMALL_REQUESTS_BY_BYTE
+    )
 
 
 def reply_decoder(
