@@ -21,7 +21,11 @@ from typing import Callable, List, NoReturn, Optional, Tuple
 import protocol
 from memlease import security
 from memlease.connection import Service
-from memlease.listener import MemLeaseServer, install_signal_handlers
+from memlease.listener import (
+    MemLeaseServer,
+    ignore_signals_while_stopping,
+    install_signal_handlers,
+)
 from memlease.metrics import MetricsServer, render_service
 from memlease.program import how_to_run, program_name, version_line
 from memlease.store import TABLE_SUFFIX, LeaseStore
@@ -350,6 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception:  # a bug: still save what can be saved
         log.critical("the server failed; saving the leases and stopping", exc_info=True)
         status = 1
+    ignore_signals_while_stopping()
     if metrics is not None:
         metrics.close()
     try:

@@ -529,6 +529,21 @@ def test_sigterm_and_sigint_stop_the_server_with_exit_0():
             server.stop()
 
 
+def test_a_second_stop_signal_while_stopping_still_exits_0_without_a_traceback():
+    for gap in (0.0, 0.002, 0.005, 0.01, 0.05):
+        server = ServerProcess("0", "1M", "--bind", "127.0.0.1").wait_listening()
+        try:
+            server.proc.send_signal(signal.SIGINT)
+            time.sleep(gap)
+            if server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGINT)
+            assert server.proc.wait(5) == 0, (gap, server.output())
+            output = server.output()
+            assert "Traceback" not in output and "Exception ignored" not in output
+        finally:
+            server.stop()
+
+
 def test_warns_without_a_token_on_a_public_address():
     with server_process() as quiet:
         assert "no token" not in quiet.output()

@@ -727,9 +727,22 @@ def _refuse(sock: socket.socket, status: Optional[int]) -> None:
     sock.close()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def install_signal_handlers(server: MemLeaseServer) -> None:
     """SIGINT and SIGTERM stop the server gracefully, waking the loop at once."""
     signal.set_wakeup_fd(server.wakeup_fd())
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: server.shutdown())
+
+
+def ignore_signals_while_stopping() -> None:
+    """Once the loop has stopped: a second stop signal changes nothing (the stop is under
+    way: saving, closing), and no signal is written to the wake-up socket about to close.
+    Python puts its own handlers back to the default at exit, where one more Ctrl-C would
+    end the process with 130 instead of 0; ignored signals stay ignored."""
+    signal.set_wakeup_fd(-1)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 

@@ -145,14 +145,19 @@ def respond(head: bytes, metrics: MetricsSource, send: Callable[[bytes], None]) 
         send(_response(400, "Bad Request", "bad request\n"))
         return
     method, target = parts[0], parts[1].split(b"?", 1)[0]
+    head_only = method == b"HEAD"  # what some health checkers send: the headers alone
     if target not in (b"/metrics", b"/health"):
         send(_response(404, "Not Found", "not found: try /metrics or /health\n"))
-    elif method != b"GET":
-        send(_response(405, "Method Not Allowed", "only GET\n", [("Allow", "GET")]))
+    elif method != b"GET" and not head_only:
+        send(_response(405, "Method Not Allowed", "only GET or HEAD\n", [("Allow", "GET, HEAD")]))
     elif target == b"/health":
-        send(_response(200, "OK", "ok\n"))
+        send(_response(200, "OK", "ok\n", head_only=head_only))
     else:
-        metrics(lambda text: send(_response(200, "OK", text, content_type=CONTENT_TYPE)))
+        metrics(
+            lambda text: send(
+                _response(200, "OK", text, content_type=CONTENT_TYPE, head_only=head_only)
+            )
+        )
 
 
 def _response(
@@ -161,7 +166,10 @@ def _response(
     body: str,
     headers: Optional[List[Tuple[str, str]]] = None,
     content_type: str = "text/plain; charset=utf-8",
+    head_only: bool = False,
 ) -> bytes:
+    """The whole response; with ``head_only`` (a HEAD request) its headers alone, the
+    length still the body's."""
     data = body.encode()
     lines = [
         "HTTP/1.1 %d %s" % (code, reason),
@@ -170,7 +178,7 @@ def _response(
         "Connection: close",
     ]
     lines += ["%s: %s" % pair for pair in headers or ()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + data
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (b"" if head_only else data)
 
 
 class _Scrape:

@@ -52,7 +52,7 @@ def render(pool: PoolMapReply, shades: Shades = BLOCKS) -> str:
         cell_size = "about " + cell_size
     lines = [
         "pool of %s in %d cells of %s, %d a line:"
-        % (format_size(pool.pool_bytes), cells, cell_size, CELLS_PER_LINE)
+        % (format_size(pool.pool_bytes), cells, cell_size, min(CELLS_PER_LINE, cells))
     ]
     for label, start in zip(labels, range(0, cells, CELLS_PER_LINE)):
         lines.append("%*s %s" % (width, label, "".join(row[start : start + CELLS_PER_LINE])))

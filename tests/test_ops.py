@@ -454,6 +454,11 @@ def test_health_and_refusals_answer_and_close() -> None:
     with with_metrics() as (_, endpoint):
         address = endpoint.address
         assert http_get(address, b"GET /health HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok\n")
+        head = http_get(address, b"HEAD /health HTTP/1.1\r\n\r\n")  # as health checkers ask
+        assert head.startswith(b"HTTP/1.1 200")
+        assert head.endswith(b"Content-Length: 3\r\nConnection: close\r\n\r\n")
+        metrics_head = http_get(address, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert metrics_head.startswith(b"HTTP/1.1 200") and metrics_head.endswith(b"\r\n\r\n")
         for request, status in (
             (b"GET /nowhere HTTP/1.1\r\n\r\n", b"404"),
             (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
