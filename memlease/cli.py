@@ -862,9 +862,10 @@ def _main(prog: str, argv: List[str]) -> int:
 
 
 def _port_hint(error: MemLeaseError) -> str:
-    """A plain client at a TLS port, or a TLS client at a plain one, is told which."""
+    """A plain client at a TLS port (or at no MemoryLease port at all), or a TLS client at a
+    plain one, is told which."""
     if isinstance(error, _ClosedBeforeReply):
-        return " (is it a TLS port? try --tls)"
+        return " (is it a MemoryLease port? a TLS one needs --tls)"
     if isinstance(error, _NotTLS):
         return " (the server does not speak TLS on this port: try without --tls)"
     return ""

@@ -620,7 +620,7 @@ def test_a_plain_client_at_a_tls_port_is_told_to_try_tls(tmp_path: Path) -> None
         1,
         b"",
         b"memlease_client.py: connection to 127.0.0.1:%d lost before any reply: "
-        b"Connection reset by peer (is it a TLS port? try --tls)\n" % tls.port,
+        b"Connection reset by peer (is it a MemoryLease port? a TLS one needs --tls)\n" % tls.port,
     )
 
 
