@@ -835,6 +835,7 @@ def shapes_by_first_byte(small: Dict[int, SmallShape]) -> ByteShapes:
 
 
 _SMALL_REQUESTS_BY_BYTE = shapes_by_first_byte(SMALL_REQUESTS)  # made once, not per connection
+_NO_SMALL_SHAPES: ByteShapes = (None,) * 256  # a decoder without a one pass
 
 
 class Decoder:
@@ -856,7 +857,7 @@ class Decoder:
         small: Optional[ByteShapes] = None,
     ) -> None:
         self._parsers = parsers
-        self._small_by_byte = small or (None,) * 256
+        self._small_by_byte = small or _NO_SMALL_SHAPES
         self._max_payload = max_payload
         self._streamed = streamed or {}
         self._stream_min = stream_min

@@ -153,13 +153,16 @@ def running_server(pool: int) -> Iterator[Server]:
             stop(process)
 
 
-def _longest_ms(samples: List[Tuple[float, float]], since: float = 0.0) -> Tuple[float, int]:
-    window = [rtt for began, rtt in samples if began >= since]
-    return (max(window) * 1000 if window else float("nan")), len(window)
+def _window(samples: List[Tuple[float, float]], since: float = 0.0) -> List[float]:
+    """The round trips begun from ``since`` on, shortest first."""
+    return sorted(rtt for began, rtt in samples if began >= since)
 
 
-def _percentile_ms(samples: List[Tuple[float, float]], since: float, fraction: float) -> float:
-    window = sorted(rtt for began, rtt in samples if began >= since)
+def _longest_ms(window: List[float]) -> Tuple[float, int]:
+    return (window[-1] * 1000 if window else float("nan")), len(window)
+
+
+def _percentile_ms(window: List[float], fraction: float) -> float:
     return window[min(int(len(window) * fraction), len(window) - 1)] * 1000 if window else 0.0
 
 
@@ -179,7 +182,7 @@ def metadata_and_growth(scale: Scale) -> Tuple[str, str]:
         stats = pipe.stats()
         per_lease = (server.rss() - before - pool) / scale.leases
         pipe.close()
-    worst, count = _longest_ms(samples)
+    worst, count = _longest_ms(_window(samples))
     return (
         "| metadata per live lease (%d leases of 32 B in a %d MiB pool; RSS growth minus the "
         "pool, per lease) | %.0f B (the store's own estimate: %.0f B) | <= 150 B |"
@@ -282,11 +285,12 @@ def expiry_storm(leases: int, target_ms: int) -> str:
         reaped = time.perf_counter() - since
         samples = prober.finish()
         pipe.close()
-    worst, count = _longest_ms(samples, since)
+    window = _window(samples, since)
+    worst, count = _longest_ms(window)
     return (
         "| %d leases expiring in the same instant: longest round trip of another client "
         "(reaped in %.2f s, %d round trips, 99th percentile %.1f ms) | %.1f ms | <= %d ms |"
-        % (leases, reaped, count, _percentile_ms(samples, since, 0.99), worst, target_ms)
+        % (leases, reaped, count, _percentile_ms(window, 0.99), worst, target_ms)
     )
 
 

@@ -676,7 +676,7 @@ class MemLeaseServer:
         self._count_due = False
         try:
             more = self.service.count_more()
-        except Exception:  # keep serving; the requests that waited are not answered
+        except Exception:  # keep serving; its askers are counted by the next census
             log.error("counting the leases for stats failed", exc_info=True)
             return
         if more:

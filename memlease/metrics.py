@@ -209,19 +209,20 @@ class _Scrape:
             self.close()
             return
         self.head += data
-        if b"\r\n\r\n" in self.head or b"\n\n" in self.head:
-            self.server.loop.remove_reader(self.fd)  # the request is whole
+        whole = b"\r\n\r\n" in self.head or b"\n\n" in self.head
+        if not whole and len(self.head) <= MAX_REQUEST:
+            return
+        self.server.loop.remove_reader(self.fd)  # nothing more is read: the answer follows
+        if whole:
             respond(bytes(self.head), self.server.metrics, self._answer)
-        elif len(self.head) > MAX_REQUEST:
+        else:
             self._answer(_response(431, "Request Header Fields Too Large", "too large\n"))
 
     def _answer(self, response: bytes) -> None:
         if self.fd < 0:  # closed while the figures were counted
             return
-        loop = self.server.loop
-        loop.remove_reader(self.fd)
         self.out = memoryview(response)
-        loop.add_writer(self.fd, self._writable)
+        self.server.loop.add_writer(self.fd, self._writable)
 
     def _writable(self) -> None:
         try:
