@@ -35,6 +35,7 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    Type,
     TypeVar,
     Union,
     cast,
@@ -335,6 +336,19 @@ def _done(request: protocol.Request, reply: protocol.Reply) -> None:
         raise _status_error(reply.status, what)
 
 
+_Answer = TypeVar("_Answer")
+
+
+def _answer_as(kind: Type[_Answer], request: protocol.Request, reply: protocol.Reply) -> _Answer:
+    """``reply`` as the ``kind`` of answer ``request`` wants; a status reply (DataSet) or
+    an Error in its place raises the error it says."""
+    if isinstance(reply, protocol.DataSet):
+        _done(request, reply)
+    if not isinstance(reply, kind):
+        raise _unexpected(request, reply)
+    return reply
+
+
 def _lease_text(lease_id: Union[int, bytes]) -> str:
     return "lease " + protocol.id_text(lease_id)
 
@@ -346,10 +360,7 @@ def checked_id_text(lease_id: LeaseId) -> str:
 
 def _data(request: protocol.Request, reply: protocol.Reply) -> bytes:
     lease_id: Union[int, bytes] = request.lease_id  # type: ignore[union-attr]  # get, read
-    if isinstance(reply, protocol.DataSet):  # a refused ranged read
-        _done(request, reply)
-    if not isinstance(reply, protocol.Data):
-        raise _unexpected(request, reply)
+    reply = _answer_as(protocol.Data, request, reply)  # a DataSet: a refused ranged read
     # The reply names the lease by its short id (0 for none): a UUID cannot be checked.
     short_id = lease_id if isinstance(lease_id, int) else protocol.short_id_in(lease_id)
     if short_id is not None and reply.lease_id != short_id:
@@ -381,18 +392,12 @@ def speaks_extensions(reply: protocol.Reply) -> bool:
 
 
 def _ttl(request: protocol.Request, reply: protocol.Reply) -> LeaseTTL:
-    if isinstance(reply, protocol.DataSet):
-        _done(request, reply)  # an ended lease: LeaseNotFound
-    if not isinstance(reply, protocol.TimeToLiveReply):
-        raise _unexpected(request, reply)
-    return LeaseTTL(*reply)
+    # A DataSet: an ended lease, LeaseNotFound.
+    return LeaseTTL(*_answer_as(protocol.TimeToLiveReply, request, reply))
 
 
 def _page(request: protocol.Request, reply: protocol.Reply) -> LeasePage:
-    if isinstance(reply, protocol.DataSet):
-        _done(request, reply)
-    if not isinstance(reply, protocol.LeaseList):
-        raise _unexpected(request, reply)
+    reply = _answer_as(protocol.LeaseList, request, reply)
     leases = [
         LeaseInfo(uuid.UUID(bytes=row.lease_id), row.size, row.remaining_ms, row.short_id)
         for row in reply.rows
@@ -405,10 +410,7 @@ def _not_renewed(
 ) -> List[Any]:
     """What the caller gave for each id the reply lists: the reply keeps the request's
     order, so each is matched to the next one asked with its bytes."""
-    if isinstance(reply, protocol.DataSet):
-        _done(request, reply)
-    if not isinstance(reply, protocol.RenewManyReply):
-        raise _unexpected(request, reply)
+    reply = _answer_as(protocol.RenewManyReply, request, reply)
     asked: Tuple[bytes, ...] = request.lease_ids  # type: ignore[union-attr]  # a RenewMany
     missed = iter(reply.lease_ids)
     wanted = next(missed, None)
