@@ -165,6 +165,17 @@ def _manual_server(store: LeaseStore) -> "MemLeaseServer":
     return server
 
 
+def _turn_until_answered(server: "MemLeaseServer", driven: Driven) -> List[protocol.Message]:
+    """Turn the server's loop until ``driven`` has replies (40 turns at most): its replies."""
+    replies: List[protocol.Message] = []
+    for _ in range(40):
+        server.loop.run_once(timeout=0)
+        replies += driven.flush()
+        if replies:
+            break
+    return replies
+
+
 def test_a_census_begun_after_another_is_stepped_once_a_turn() -> None:
     clock = FakeClock()
     store, _ = _storm(clock, 3 * CENSUS_STEP)
@@ -182,12 +193,7 @@ def test_a_census_begun_after_another_is_stepped_once_a_turn() -> None:
         first, second = Driven(store, service), Driven(store, service)
         assert first.send(protocol.Stats().encode()) == []  # census 1 begins
         assert second.send(protocol.Stats().encode()) == []  # waits for census 2
-        answered: List[protocol.Message] = []
-        for _ in range(40):
-            server.loop.run_once(timeout=0)
-            answered += second.flush()
-            if answered:
-                break
+        answered = _turn_until_answered(server, second)
         assert [type(reply) for reply in answered] == [protocol.StatsReply]
         per_turn = {turn: steps_in_turn.count(turn) for turn in steps_in_turn}
         assert max(per_turn.values()) == 1, per_turn  # not one step more per census chained
@@ -265,12 +271,7 @@ def test_a_census_step_that_fails_does_not_leave_every_later_stats_request_waiti
         monkeypatch.setattr(census, "step", lambda budget=None: 1 // 0)
         server.loop.run_once(timeout=0)  # its step fails: logged, and the loop goes on
         assert later.send(protocol.Stats().encode()) == []
-        replies: List[protocol.Message] = []
-        for _ in range(40):
-            server.loop.run_once(timeout=0)
-            replies += later.flush()
-            if replies:
-                break
+        replies = _turn_until_answered(server, later)
         assert [type(reply) for reply in replies] == [protocol.StatsReply]
         assert [type(reply) for reply in first.flush()] == [protocol.StatsReply]
     finally:
