@@ -549,7 +549,8 @@ def test_warns_without_a_token_on_a_public_address():
         assert "no token" not in quiet.output()
     server = ServerProcess("0", "1M", "--bind", "0.0.0.0").wait_listening()
     try:
-        assert "WARNING no token is set" in server.output()
+        # Logged just after the "listening" lines the start is recognised by: wait for it.
+        assert wait_for(lambda: "WARNING no token is set" in server.output(), 10), server.output()
     finally:
         server.stop()
 
